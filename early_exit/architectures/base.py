@@ -1,0 +1,154 @@
+"""The layer-by-layer view of a causal LM that every decoding loop in the library runs through.
+
+A `DecoderAdapter` splits a `transformers` causal LM into the steps its own `forward` performs (embed, build masks
+and position embeddings once, run each decoder layer with the shared cache, final norm, LM head) so that a caller
+can stop after any layer. Each supported architecture subclasses it in its own module and registers the
+`model_type`s it serves; the tests prove that running the steps reproduces the base model's own logits.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+FULL_ATTENTION = "full_attention"
+SLIDING_ATTENTION = "sliding_attention"
+
+
+@dataclass
+class LayerInputs:
+    """What every decoder layer of one forward step needs besides the hidden state.
+
+    Masks and position embeddings are keyed by layer type ("full_attention", "sliding_attention") because models
+    such as Gemma 2/3 alternate attention patterns between layers.
+    """
+
+    position_ids: torch.LongTensor
+    attention_masks: dict[str, Any]
+    position_embeddings: dict[str, Any] | None
+    cache: Cache | None
+
+
+class DecoderAdapter(ABC):
+    """Layer-by-layer access to a decoder-only causal LM.
+
+    Args:
+        model: the `*ForCausalLM` model (already unwrapped from any PEFT wrapper). Its modules are used in place:
+            nothing is copied, so LoRA layers injected by PEFT take part as usual.
+    """
+
+    #: The `config.model_type` values this adapter serves; filled by `register_architecture`.
+    model_types: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+        self.config = model.config
+
+    # --- structure -------------------------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def layers(self) -> nn.ModuleList:
+        """The decoder layers, in order."""
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.lm_head.weight.shape[0]
+
+    @property
+    def lm_head(self) -> nn.Module:
+        """The output projection (shared by the final layer and by every exit head that reuses it)."""
+        return self.model.get_output_embeddings()
+
+    def layer_type(self, index: int) -> str:
+        """The attention pattern of layer `index`, mirroring how the base model picks its mask."""
+        layer_types = getattr(self.config, "layer_types", None)
+        if layer_types:
+            return layer_types[index]
+        return SLIDING_ATTENTION if getattr(self.config, "sliding_window", None) else FULL_ATTENTION
+
+    # --- one forward step ------------------------------------------------------------------------------------
+    def start(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+    ) -> tuple[torch.Tensor, LayerInputs]:
+        """Embed `input_ids` and prepare what the layers need; returns the hidden state entering layer 0."""
+        past_length = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = self.default_position_ids(attention_mask, past_length, input_ids.shape[1], input_ids.device)
+        hidden = self.embed(input_ids, position_ids)
+        inputs = LayerInputs(
+            position_ids=position_ids,
+            attention_masks=self.attention_masks(hidden, attention_mask, position_ids, cache),
+            position_embeddings=self.position_embeddings(hidden, position_ids),
+            cache=cache,
+        )
+        return hidden, inputs
+
+    def default_position_ids(
+        self, attention_mask: torch.Tensor | None, past_length: int, seq_length: int, device: torch.device
+    ) -> torch.LongTensor:
+        """Positions the base model would use when none are given (most models: count from the cache length)."""
+        return (torch.arange(seq_length, device=device) + past_length).unsqueeze(0)
+
+    @abstractmethod
+    def embed(self, input_ids: torch.LongTensor, position_ids: torch.LongTensor) -> torch.Tensor:
+        """The hidden state entering the first decoder layer."""
+
+    def attention_masks(
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        cache: Cache | None,
+    ) -> dict[str, Any]:
+        """One mask per layer type in use, built with the same `transformers` helpers the base model uses."""
+        builders = {FULL_ATTENTION: create_causal_mask, SLIDING_ATTENTION: create_sliding_window_causal_mask}
+        used = {self.layer_type(i) for i in range(self.num_layers)}
+        return {
+            layer_type: builders[layer_type](
+                config=self.config,
+                inputs_embeds=hidden,
+                attention_mask=attention_mask,
+                past_key_values=cache,
+                position_ids=position_ids,
+            )
+            for layer_type in used
+        }
+
+    def position_embeddings(self, hidden: torch.Tensor, position_ids: torch.LongTensor) -> dict[str, Any] | None:
+        """Rotary (cos, sin) per layer type; `None` for models with absolute position embeddings."""
+        return None
+
+    @abstractmethod
+    def layer(self, index: int, hidden: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
+        """Run decoder layer `index` (0-based), appending its keys and values to `inputs.cache` if there is one."""
+
+    @abstractmethod
+    def norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The base model's final normalisation (and any projection) applied before the LM head."""
+
+    def unembed(self, normed: torch.Tensor) -> torch.Tensor:
+        """Logits from a normalised hidden state, with the final soft-capping of models that have one."""
+        logits = self.lm_head(normed)
+        softcap = getattr(self.config, "final_logit_softcapping", None)
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits

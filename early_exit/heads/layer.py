@@ -1,0 +1,127 @@
+"""Exit heads: small modules that turn the hidden state after an intermediate layer into next-token logits.
+
+Heads are adapters in the PEFT sense: they never modify or copy the base model's weights. A head that reuses the
+base's final norm and LM head receives them through the `DecoderAdapter` at call time, so they are neither
+registered as the head's submodules nor saved with it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, TypeVar
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from ..architectures import DecoderAdapter
+    from ..configuration_early_exit import EarlyExitConfig
+
+
+class ExitHead(nn.Module):
+    """Base class of exit heads.
+
+    Subclasses implement `build` (construct a head for a given base model and config) and `forward`.
+    """
+
+    @classmethod
+    def build(cls, decoder: "DecoderAdapter", config: "EarlyExitConfig") -> "ExitHead":
+        """A new head for the base model behind `decoder`, configured by `config`."""
+        raise NotImplementedError
+
+    def forward(self, hidden: torch.Tensor, decoder: "DecoderAdapter") -> torch.Tensor:
+        """Logits over the vocabulary from the hidden state `hidden` (batch, seq, hidden_size)."""
+        raise NotImplementedError
+
+
+HEAD_TYPES: dict[str, type[ExitHead]] = {}
+HeadClass = TypeVar("HeadClass", bound=type[ExitHead])
+
+
+def register_head_type(name: str) -> Callable[[HeadClass], HeadClass]:
+    """Class decorator: make an `ExitHead` subclass available as `EarlyExitConfig(head_type=name)`."""
+
+    def decorator(cls: HeadClass) -> HeadClass:
+        HEAD_TYPES[name] = cls
+        return cls
+
+    return decorator
+
+
+def build_head(decoder: "DecoderAdapter", config: "EarlyExitConfig") -> ExitHead:
+    """A head of type `config.head_type`, on the base model's device and in its dtype.
+
+    Raises:
+        ValueError: the head type is not registered (the message lists the known ones).
+    """
+    if config.head_type not in HEAD_TYPES:
+        raise ValueError(
+            f"Unknown head_type {config.head_type!r}. Known head types: {', '.join(sorted(HEAD_TYPES))}; "
+            "add one with @early_exit.heads.register_head_type('<name>')."
+        )
+    weight = decoder.lm_head.weight
+    return HEAD_TYPES[config.head_type].build(decoder, config).to(device=weight.device, dtype=weight.dtype)
+
+
+@register_head_type("logit_lens")
+class LogitLensHead(ExitHead):
+    """No parameters: the base's own final norm and LM head applied to the intermediate state (LITE-style models)."""
+
+    @classmethod
+    def build(cls, decoder: "DecoderAdapter", config: "EarlyExitConfig") -> "LogitLensHead":
+        return cls()
+
+    def forward(self, hidden: torch.Tensor, decoder: "DecoderAdapter") -> torch.Tensor:
+        return decoder.unembed(decoder.norm(hidden))
+
+
+@register_head_type("residual_adapter")
+class ResidualAdapterHead(LogitLensHead):
+    """`h + up(silu(down(rmsnorm(h))))`, then the base's final norm and LM head.
+
+    `up` starts at zero, so an untrained head is exactly the logit lens and training learns a correction. The
+    adapter's own RMSNorm keeps the bottleneck's input on one scale whatever the depth of its layer.
+    """
+
+    def __init__(self, hidden_size: int, adapter_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(hidden_size, eps=eps)
+        self.down = nn.Linear(hidden_size, adapter_size, bias=False)
+        self.up = nn.Linear(adapter_size, hidden_size, bias=False)
+        nn.init.zeros_(self.up.weight)
+
+    @classmethod
+    def build(cls, decoder: "DecoderAdapter", config: "EarlyExitConfig") -> "ResidualAdapterHead":
+        return cls(decoder.hidden_size, config.adapter_size or decoder.hidden_size)
+
+    def adapt(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The corrected hidden state that the base's final norm and LM head then read."""
+        return hidden + self.up(nn.functional.silu(self.down(self.norm(hidden))))
+
+    def forward(self, hidden: torch.Tensor, decoder: "DecoderAdapter") -> torch.Tensor:
+        return super().forward(self.adapt(hidden), decoder)
+
+
+@register_head_type("linear")
+class LinearHead(ExitHead):
+    """An independent LayerNorm and Linear(d, V) per exit, as in Valade (2024): large, but owes nothing to the base.
+
+    The projection starts as a copy of the base's unembedding when the shapes allow, so training starts near the
+    logit lens instead of from noise; the copy belongs to the head (the base is left untouched).
+    """
+
+    def __init__(self, hidden_size: int, vocab_size: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size)
+        self.proj = nn.Linear(hidden_size, vocab_size, bias=False)
+
+    @classmethod
+    def build(cls, decoder: "DecoderAdapter", config: "EarlyExitConfig") -> "LinearHead":
+        head = cls(decoder.hidden_size, decoder.vocab_size)
+        unembedding = decoder.lm_head.weight
+        if unembedding.shape == head.proj.weight.shape:
+            with torch.no_grad():
+                head.proj.weight.copy_(unembedding)
+        return head
+
+    def forward(self, hidden: torch.Tensor, decoder: "DecoderAdapter") -> torch.Tensor:
+        return self.proj(self.norm(hidden))

@@ -1,0 +1,284 @@
+"""`EarlyExitForCausalLM`: a pretrained causal LM with exit heads after some of its layers."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.utils import ModelOutput, cached_file, logging
+
+from .architectures import DecoderAdapter, get_decoder_adapter, unwrap_model
+from .checkpoint import MODEL_CARD_NAME, WEIGHTS_NAME, atomic_directory, check_head_weights, model_card, read_head_weights
+from .configuration_early_exit import EarlyExitConfig
+from .default_model import load_base_model
+from .errors import CheckpointError, HeadMismatchError
+from .heads import build_head
+
+logger = logging.get_logger(__name__)
+
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
+# Arguments `AutoModelForCausalLM.from_pretrained` adds for its own bookkeeping; they mean nothing to the base load.
+_AUTO_KWARGS = ("_from_auto", "trust_remote_code", "adapter_kwargs", "code_revision")
+_SHAPE_FIELDS = {
+    "base_model_type": "model type",
+    "base_hidden_size": "hidden size",
+    "base_num_hidden_layers": "number of layers",
+    "base_vocab_size": "vocabulary size",
+}
+
+
+@dataclass
+class EarlyExitCausalLMOutput(ModelOutput):
+    """Output of `EarlyExitForCausalLM.forward`.
+
+    Args:
+        loss: training loss, when one is computed.
+        logits: the base model's own final-layer logits, (batch, seq, vocab).
+        exit_logits: one tensor of logits per exit, in the order of `model.exit_layers`.
+        past_key_values: the KV cache, when `use_cache` is set.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    exit_logits: tuple[torch.FloatTensor, ...] | None = None
+    past_key_values: Cache | None = None
+
+
+class EarlyExitForCausalLM(PreTrainedModel):
+    """A causal LM with exit heads attached after intermediate layers.
+
+    The base model is held as `model.base` (a `transformers` model or a PEFT `PeftModel`) and is never modified:
+    its parameters are frozen, except those a `PeftModel` marks trainable. Only `model.exit_heads` is saved.
+
+    Args:
+        config: the heads' configuration. Exit layers given as fractions are resolved against the base's depth, and
+            the base's shape is recorded in it (or, if already recorded, checked against `base_model`).
+        base_model: the causal LM to attach the heads to.
+
+    Raises:
+        UnsupportedArchitectureError: the base's architecture has no layer-by-layer adapter.
+        HeadMismatchError: the config was made for a base model of another shape.
+    """
+
+    config_class = EarlyExitConfig
+    base_model_prefix = "base"
+    supports_gradient_checkpointing = True
+
+    def __init__(self, config: EarlyExitConfig, base_model: nn.Module) -> None:
+        super().__init__(config)
+        decoder = get_decoder_adapter(base_model)
+        _record_or_check_base_shape(config, decoder)
+        config.exit_layers = config.resolve_exit_layers(decoder.num_layers)
+        self.base = base_model
+        self.exit_heads = nn.ModuleDict({str(layer): build_head(decoder, config) for layer in config.exit_layers})
+        # A plain attribute, not a submodule: it only points at modules `self.base` already owns.
+        self.decoder: DecoderAdapter = decoder
+        if unwrap_model(base_model) is base_model:
+            base_model.requires_grad_(False)
+        self.post_init()
+        self.train(base_model.training)
+
+    @property
+    def exit_layers(self) -> list[int]:
+        """Layer numbers after which the exits sit (an exit after layer `l` sees `l` decoder layers)."""
+        return list(self.config.exit_layers)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Heads initialise themselves in their constructors; the base model arrives trained.
+        pass
+
+    def head_parameter_count(self) -> int:
+        """Number of parameters in the exit heads."""
+        return sum(parameter.numel() for parameter in self.exit_heads.parameters())
+
+    def base_parameter_count(self) -> int:
+        """Number of parameters in the base model (tied weights counted once)."""
+        return sum(parameter.numel() for parameter in self.base.parameters())
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+    ) -> EarlyExitCausalLMOutput:
+        """Run the full model layer by layer, reading every exit on the way.
+
+        Arguments mean what they mean for the base model's `forward`; the final logits equal the base's.
+        """
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.decoder.config)
+        hidden, inputs = self.decoder.start(input_ids, attention_mask, position_ids, past_key_values)
+        exit_logits = []
+        for index in range(self.decoder.num_layers):
+            hidden = self.decoder.layer(index, hidden, inputs)
+            head = self.exit_heads[str(index + 1)] if str(index + 1) in self.exit_heads else None
+            if head is not None:
+                exit_logits.append(head(hidden, self.decoder))
+        logits = self.decoder.unembed(self.decoder.norm(hidden))
+        return EarlyExitCausalLMOutput(
+            logits=logits, exit_logits=tuple(exit_logits), past_key_values=past_key_values
+        )
+
+    # --- saving and loading ----------------------------------------------------------------------------------
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        is_main_process: bool = True,
+        **kwargs,
+    ) -> None:
+        """Save the head weights, the config and a model card to `save_directory`, atomically.
+
+        The base model is not saved: the config names it. If the save fails, whatever `save_directory` held before
+        is left untouched. `state_dict` (as `Trainer` passes it) may hold the whole model; only heads are kept.
+        Other keyword arguments of `PreTrainedModel.save_pretrained` (e.g. `safe_serialization`) are accepted and
+        ignored: heads are always saved as safetensors.
+        """
+        if not is_main_process:
+            return
+        _warn_if_base_path_is_temporary(self.config.base_model_name_or_path)
+        state_dict = state_dict if state_dict is not None else self.state_dict()
+        heads = {
+            name: tensor.detach().to("cpu").contiguous()
+            for name, tensor in state_dict.items()
+            if name.startswith("exit_heads.")
+        }
+        self.config.architectures = [type(self).__name__]
+        card = model_card(
+            self.config.base_model_name_or_path,
+            self.exit_layers,
+            self.decoder.num_layers,
+            self.config.head_type,
+            self.head_parameter_count(),
+            self.base_parameter_count(),
+        )
+        with atomic_directory(save_directory) as staging:
+            save_file(heads, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+            self.config.to_json_file(str(staging / "config.json"))
+            (staging / MODEL_CARD_NAME).write_text(card, encoding="utf-8")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *model_args,
+        config: EarlyExitConfig | None = None,
+        base_model: nn.Module | None = None,
+        **kwargs,
+    ) -> "EarlyExitForCausalLM":
+        """Load heads from a folder or Hub repo, and the base model their config names.
+
+        Args:
+            pretrained_model_name_or_path: a heads folder (as written by `save_pretrained`) or Hub repo id.
+            config: the heads' config, if already loaded (as `AutoModelForCausalLM` passes it).
+            base_model: an already loaded base model to attach the heads to, instead of loading the one named in
+                the config.
+            **kwargs: Hub arguments (`revision`, `token`, `cache_dir`, `local_files_only`, ...) apply to the
+                heads; the rest (e.g. `dtype`, `device_map`) are passed on to the base model's `from_pretrained`.
+
+        Raises:
+            CheckpointError: the folder has no head weights, or they are corrupt or do not match the config.
+            HeadMismatchError: the base model does not have the shape the heads were made for.
+        """
+        hub_kwargs = {name: kwargs.pop(name) for name in _HUB_KWARGS if name in kwargs}
+        for name in _AUTO_KWARGS:
+            kwargs.pop(name, None)
+        source = str(pretrained_model_name_or_path)
+        if config is None:
+            config = EarlyExitConfig.from_pretrained(source, **hub_kwargs)
+        weights_file = cached_file(
+            source, WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs
+        )
+        if weights_file is None:
+            raise CheckpointError(
+                f"{source} has a config but no {WEIGHTS_NAME}: the checkpoint is partial. Save the heads again."
+            )
+        if base_model is None:
+            if not config.base_model_name_or_path:
+                raise HeadMismatchError(
+                    f"The heads in {source} do not name their base model; pass it: "
+                    "EarlyExitForCausalLM.from_pretrained(path, base_model=<your causal LM>)."
+                )
+            base_model = load_base_model(config.base_model_name_or_path, config.base_model_revision, **kwargs)
+        model = cls(config, base_model)
+        weights = read_head_weights(weights_file)
+        expected = {f"exit_heads.{name}": tensor for name, tensor in model.exit_heads.state_dict().items()}
+        check_head_weights(expected, weights, source)
+        model.load_state_dict(weights, strict=False)
+        return model.eval()
+
+
+def _record_or_check_base_shape(config: EarlyExitConfig, decoder: DecoderAdapter) -> None:
+    actual = {
+        "base_model_type": decoder.config.model_type,
+        "base_hidden_size": decoder.hidden_size,
+        "base_num_hidden_layers": decoder.num_layers,
+        "base_vocab_size": decoder.vocab_size,
+    }
+    mismatches = [
+        f"{label}: heads have {getattr(config, field)!r}, base has {actual[field]!r}"
+        for field, label in _SHAPE_FIELDS.items()
+        if getattr(config, field) is not None and getattr(config, field) != actual[field]
+    ]
+    if mismatches:
+        raise HeadMismatchError(
+            f"These exit heads were made for another base model than {decoder.model.name_or_path or 'this one'} "
+            f"({'; '.join(mismatches)}). Load the base model they name ({config.base_model_name_or_path}) or "
+            "attach new heads with early_exit.add_exit_heads."
+        )
+    for field, value in actual.items():
+        setattr(config, field, value)
+
+
+def _warn_if_base_path_is_temporary(name_or_path: str | None) -> None:
+    if not name_or_path:
+        logger.warning(
+            "These heads do not name their base model; loading them will need "
+            "EarlyExitForCausalLM.from_pretrained(path, base_model=...)."
+        )
+        return
+    path = Path(name_or_path)
+    if path.is_absolute() and path.resolve().is_relative_to(Path(tempfile.gettempdir()).resolve()):
+        logger.warning(
+            "The heads name a base model in a temporary directory (%s), which may not exist when they are loaded "
+            "again. Set model.config.base_model_name_or_path to a Hub id or a lasting path before saving.",
+            name_or_path,
+        )
+
+
+def add_exit_heads(
+    base_model: nn.Module,
+    exit_layers: list[int | float] | None = None,
+    config: EarlyExitConfig | None = None,
+    **config_kwargs,
+) -> EarlyExitForCausalLM:
+    """Attach new exit heads to a causal LM (a `transformers` model or a PEFT `PeftModel`).
+
+    Args:
+        base_model: the model to attach to; its weights are left untouched and frozen (a `PeftModel` keeps its own
+            trainable parameters).
+        exit_layers: layer numbers (1 to depth - 1) or fractions of depth; the default is a quarter, half and three
+            quarters of the depth.
+        config: a complete `EarlyExitConfig` instead of `exit_layers` and `config_kwargs`.
+        **config_kwargs: other `EarlyExitConfig` fields, e.g. `head_type="linear"` or `adapter_size=256`.
+
+    Returns:
+        The model with heads, whose `forward` returns the final logits and every exit's logits.
+    """
+    if config is None:
+        inner = unwrap_model(base_model)
+        config_kwargs.setdefault("base_model_name_or_path", inner.config._name_or_path or None)
+        config_kwargs.setdefault("base_model_revision", getattr(inner.config, "_commit_hash", None))
+        config = EarlyExitConfig(exit_layers=exit_layers, **config_kwargs)
+    elif exit_layers is not None or config_kwargs:
+        raise ValueError("Pass either a config or exit_layers/config fields to add_exit_heads, not both.")
+    return EarlyExitForCausalLM(config, base_model)
