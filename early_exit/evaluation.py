@@ -1,0 +1,68 @@
+"""How well the exits predict the final layer's token."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .modeling_early_exit import EarlyExitForCausalLM
+
+
+@dataclass
+class ExitAgreement:
+    """Top-1 agreement of each exit with the final layer over a set of token positions.
+
+    Attributes:
+        exit_layers: the exits, in order.
+        num_layers: depth of the base model.
+        agreeing: per exit, how many positions its top-1 token equals the final layer's.
+        tokens: how many positions were counted.
+        earliest_exit_layers: per position where some exit agrees, the first such exit (the oracle exit policy).
+    """
+
+    exit_layers: list[int]
+    num_layers: int
+    agreeing: list[int] = field(default_factory=list)
+    tokens: int = 0
+    earliest_exit_layers: list[int] = field(default_factory=list)
+
+    @property
+    def rates(self) -> list[float]:
+        """Per exit, the fraction of positions where it agrees with the final layer."""
+        return [count / max(self.tokens, 1) for count in self.agreeing]
+
+    @property
+    def oracle_mean_layers(self) -> float:
+        """Mean layers per token if every token left at its earliest agreeing exit (and the rest ran in full)."""
+        full_depth = self.tokens - len(self.earliest_exit_layers)
+        return (sum(self.earliest_exit_layers) + full_depth * self.num_layers) / max(self.tokens, 1)
+
+
+@torch.no_grad()
+def measure_agreement(
+    model: EarlyExitForCausalLM,
+    input_ids: torch.LongTensor,
+    positions: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    into: ExitAgreement | None = None,
+) -> ExitAgreement:
+    """Count, at the positions where `positions` is true, how often each exit's top-1 token is the final layer's.
+
+    Args:
+        model: the model with heads.
+        input_ids, attention_mask: the sequences, (batch, seq).
+        positions: boolean (batch, seq): which positions' next-token predictions to count.
+        into: an `ExitAgreement` to add these counts to, so several batches can be accumulated.
+    """
+    result = into or ExitAgreement(model.exit_layers, model.decoder.num_layers, [0] * len(model.exit_layers))
+    output = model(input_ids, attention_mask=attention_mask)
+    final = output.logits.argmax(-1)[positions]
+    hits = torch.stack([logits.argmax(-1)[positions] == final for logits in output.exit_logits])  # (exits, tokens)
+    result.tokens += final.numel()
+    for index, count in enumerate(hits.sum(dim=1).tolist()):
+        result.agreeing[index] += count
+    layers = torch.tensor(model.exit_layers)
+    any_agrees = hits.any(dim=0)
+    result.earliest_exit_layers += layers[hits.int().argmax(dim=0)[any_agrees]].tolist()
+    return result

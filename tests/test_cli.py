@@ -1,0 +1,46 @@
+"""The `early-exit` command line on tiny models."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+import early_exit
+from early_exit.cli import main
+
+from tiny_models import tiny_model
+
+STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260k"
+
+
+def test_info_prints_every_exit_and_the_head_share(tmp_path, capsys):
+    tiny_model("gpt2").save_pretrained(tmp_path / "base")
+    main(["info", "--model", str(tmp_path / "base"), "--exit-layers", "1", "0.75", "--adapter-size", "8"])
+    printed = capsys.readouterr().out
+    rows = re.findall(r"^\s+(\d+)\s+([\d.]+)\s+residual_adapter\s+([\d,]+)$", printed, flags=re.MULTILINE)
+    assert rows == [("1", "0.25", "544"), ("3", "0.75", "544")]  # 2 * 32 * 8 + 32 parameters each
+    assert "heads in total  1,088 parameters" in printed
+
+
+def test_info_reads_a_saved_heads_folder(tmp_path, capsys):
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    early_exit.add_exit_heads(base, [1, 3], head_type="logit_lens").save_pretrained(tmp_path / "heads")
+    main(["info", "--heads", str(tmp_path / "heads")])
+    printed = capsys.readouterr().out
+    rows = re.findall(r"^\s+(\d+)\s+([\d.]+)\s+(\w+)\s+([\d,]+)$", printed, flags=re.MULTILINE)
+    assert rows == [("1", "0.25", "logit_lens", "0"), ("3", "0.75", "logit_lens", "0")]
+
+
+@pytest.mark.skipif(not STORIES.is_dir(), reason="shared/models/stories260k is not beside the checkout")
+def test_agreement_reports_every_exit_on_a_real_model(capsys):
+    main(["agreement", "--model", str(STORIES), "--prompts", "3", "--max-new-tokens", "6"])
+    printed = capsys.readouterr().out
+    rows = re.findall(r"^\s+(\d)\s+[\d.]+\s+([\d.]+)%$", printed, flags=re.MULTILINE)
+    assert [layer for layer, _ in rows] == ["1", "2", "3", "4"]  # 0.2 .. 0.8 of 5 layers
+    assert all(0.0 <= float(rate) <= 100.0 for _, rate in rows)
+    assert "18 generated tokens" in printed
+    assert re.search(r"averages [\d.]+ of 5 layers", printed)
