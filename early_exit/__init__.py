@@ -11,6 +11,7 @@ from .configuration_early_exit import EarlyExitConfig
 from .default_model import DEFAULT_MODEL_ID, load_default_model
 from .errors import CheckpointError, EarlyExitError, HeadMismatchError, UnsupportedArchitectureError
 from .heads import HEAD_TYPES, ExitHead, register_head_type
+from .hub import HubUnreachableError
 from .modeling_early_exit import EarlyExitCausalLMOutput, EarlyExitForCausalLM, add_exit_heads
 
 AutoConfig.register(EarlyExitConfig.model_type, EarlyExitConfig, exist_ok=True)
@@ -29,6 +30,7 @@ __all__ = [
     "EarlyExitForCausalLM",
     "ExitHead",
     "HeadMismatchError",
+    "HubUnreachableError",
     "UnsupportedArchitectureError",
     "add_exit_heads",
     "get_decoder_adapter",

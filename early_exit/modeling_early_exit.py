@@ -20,6 +20,7 @@ from .configuration_early_exit import EarlyExitConfig
 from .default_model import load_base_model
 from .errors import CheckpointError, HeadMismatchError
 from .heads import build_head
+from .hub import reaching_the_hub
 
 logger = logging.get_logger(__name__)
 
@@ -69,7 +70,6 @@ class EarlyExitForCausalLM(PreTrainedModel):
 
     config_class = EarlyExitConfig
     base_model_prefix = "base"
-    supports_gradient_checkpointing = True
 
     def __init__(self, config: EarlyExitConfig, base_model: nn.Module) -> None:
         super().__init__(config)
@@ -112,8 +112,11 @@ class EarlyExitForCausalLM(PreTrainedModel):
     ) -> EarlyExitCausalLMOutput:
         """Run the full model layer by layer, reading every exit on the way.
 
-        Arguments mean what they mean for the base model's `forward`; the final logits equal the base's.
+        Arguments mean what they mean for the base model's `forward` (`use_cache` defaults to the base config's);
+        the final logits equal the base's.
         """
+        if use_cache is None:
+            use_cache = self.decoder.config.use_cache
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.decoder.config)
         hidden, inputs = self.decoder.start(input_ids, attention_mask, position_ids, past_key_values)
@@ -134,14 +137,17 @@ class EarlyExitForCausalLM(PreTrainedModel):
         save_directory: str | os.PathLike,
         state_dict: dict[str, torch.Tensor] | None = None,
         is_main_process: bool = True,
+        push_to_hub: bool = False,
         **kwargs,
     ) -> None:
         """Save the head weights, the config and a model card to `save_directory`, atomically.
 
         The base model is not saved: the config names it. If the save fails, whatever `save_directory` held before
         is left untouched. `state_dict` (as `Trainer` passes it) may hold the whole model; only heads are kept.
-        Other keyword arguments of `PreTrainedModel.save_pretrained` (e.g. `safe_serialization`) are accepted and
-        ignored: heads are always saved as safetensors.
+        With `push_to_hub=True` the folder is then uploaded to `repo_id` (default: the folder's name), with the
+        remaining keyword arguments of `push_to_hub`; otherwise keyword arguments of
+        `PreTrainedModel.save_pretrained` such as `safe_serialization` are accepted and ignored (heads are always
+        safetensors).
         """
         if not is_main_process:
             return
@@ -165,6 +171,21 @@ class EarlyExitForCausalLM(PreTrainedModel):
             save_file(heads, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
             self.config.to_json_file(str(staging / "config.json"))
             (staging / MODEL_CARD_NAME).write_text(card, encoding="utf-8")
+        if push_to_hub:
+            repo_id = kwargs.pop("repo_id", None) or Path(save_directory).name
+            with reaching_the_hub(f"push the heads to {repo_id}", str(save_directory)):
+                super().push_to_hub(repo_id, **_push_arguments(kwargs))
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        """Upload the heads (config, weights, model card; never the base model) to the Hub repo `repo_id`.
+
+        Takes the keyword arguments of `transformers`' `push_to_hub` (`private`, `token`, `commit_message`, ...).
+
+        Raises:
+            HubUnreachableError: the Hub cannot be reached; the message says how to push later.
+        """
+        with reaching_the_hub(f"push the heads to {repo_id}"):
+            return super().push_to_hub(repo_id, **kwargs)
 
     @classmethod
     def from_pretrained(
@@ -215,6 +236,12 @@ class EarlyExitForCausalLM(PreTrainedModel):
         check_head_weights(expected, weights, source)
         model.load_state_dict(weights, strict=False)
         return model.eval()
+
+
+def _push_arguments(kwargs: dict) -> dict:
+    """The keyword arguments of `save_pretrained` that are meant for `push_to_hub`."""
+    names = ("commit_message", "commit_description", "private", "token", "revision", "create_pr", "tags")
+    return {name: kwargs[name] for name in names if name in kwargs}
 
 
 def _record_or_check_base_shape(config: EarlyExitConfig, decoder: DecoderAdapter) -> None:

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 import early_exit
 from early_exit import CheckpointError, EarlyExitForCausalLM, HeadMismatchError
 from early_exit.checkpoint import WEIGHTS_NAME
+from early_exit.hub import HubUnreachableError
 
 from tiny_models import VOCAB, tiny_model
 
@@ -151,3 +152,12 @@ def test_heads_that_name_no_base_load_onto_a_given_one(tmp_path):
     input_ids = torch.randint(3, VOCAB, (1, 5))
     for got, want in zip(again(input_ids).exit_logits, model(input_ids).exit_logits, strict=True):
         assert torch.equal(got, want)
+
+
+def test_pushing_without_the_hub_fails_clearly_and_keeps_the_local_save(tmp_path):
+    model = early_exit.add_exit_heads(_saved_base(tmp_path), [2])
+    with pytest.raises(HubUnreachableError, match="push the heads to me/tiny-heads.*not reachable"):
+        model.push_to_hub("me/tiny-heads")
+    with pytest.raises(HubUnreachableError, match=f"saved locally in {tmp_path / 'heads'}"):
+        model.save_pretrained(tmp_path / "heads", push_to_hub=True, repo_id="me/tiny-heads")
+    assert isinstance(AutoModelForCausalLM.from_pretrained(tmp_path / "heads"), EarlyExitForCausalLM)
