@@ -56,7 +56,7 @@ def measure_agreement(
         into: an `ExitAgreement` to add these counts to, so several batches can be accumulated.
     """
     result = into or ExitAgreement(model.exit_layers, model.decoder.num_layers, [0] * len(model.exit_layers))
-    output = model(input_ids, attention_mask=attention_mask)
+    output = model(input_ids, attention_mask=attention_mask, use_cache=False)
     final = output.logits.argmax(-1)[positions]
     hits = torch.stack([logits.argmax(-1)[positions] == final for logits in output.exit_logits])  # (exits, tokens)
     result.tokens += final.numel()

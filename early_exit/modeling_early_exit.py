@@ -123,13 +123,11 @@ class EarlyExitForCausalLM(PreTrainedModel):
         exit_logits = []
         for index in range(self.decoder.num_layers):
             hidden = self.decoder.layer(index, hidden, inputs)
-            head = self.exit_heads[str(index + 1)] if str(index + 1) in self.exit_heads else None
-            if head is not None:
-                exit_logits.append(head(hidden, self.decoder))
+            layer = str(index + 1)
+            if layer in self.exit_heads:
+                exit_logits.append(self.exit_heads[layer](hidden, self.decoder))
         logits = self.decoder.unembed(self.decoder.norm(hidden))
-        return EarlyExitCausalLMOutput(
-            logits=logits, exit_logits=tuple(exit_logits), past_key_values=past_key_values
-        )
+        return EarlyExitCausalLMOutput(logits=logits, exit_logits=tuple(exit_logits), past_key_values=past_key_values)
 
     # --- saving and loading ----------------------------------------------------------------------------------
     def save_pretrained(

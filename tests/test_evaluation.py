@@ -1,0 +1,37 @@
+"""Per-exit agreement counting and the oracle bound."""
+
+from __future__ import annotations
+
+import torch
+
+import early_exit
+from early_exit.evaluation import measure_agreement
+
+from tiny_models import VOCAB, tiny_model
+
+
+@torch.no_grad()
+def test_agreement_counts_only_the_chosen_positions_and_accumulates():
+    model = early_exit.add_exit_heads(tiny_model("llama", num_hidden_layers=6), [2, 4, 5], head_type="logit_lens")
+    torch.manual_seed(0)
+    input_ids = torch.randint(3, VOCAB, (4, 10))
+    positions = torch.rand(4, 10) < 0.6
+    output = model(input_ids)
+    final = output.logits.argmax(-1)
+    hits = [(logits.argmax(-1) == final)[positions] for logits in output.exit_logits]
+
+    whole = measure_agreement(model, input_ids, positions)
+    # The seed gives hits, misses and tokens no exit gets right, so every branch of the counting is exercised.
+    assert 0 < min(whole.agreeing) and max(whole.agreeing) < whole.tokens
+    assert 0 < len(whole.earliest_exit_layers) < whole.tokens
+    assert whole.tokens == int(positions.sum())
+    assert whole.agreeing == [int(h.sum()) for h in hits]
+    # Oracle: each counted position leaves at its first agreeing exit, or runs all 6 layers.
+    earliest = [next((layer for layer, h in zip([2, 4, 5], column) if h), 6) for column in zip(*[h.tolist() for h in hits])]
+    assert abs(whole.oracle_mean_layers - sum(earliest) / len(earliest)) < 1e-9
+
+    halves = measure_agreement(model, input_ids[:2], positions[:2])
+    halves = measure_agreement(model, input_ids[2:], positions[2:], into=halves)
+    assert (halves.tokens, halves.agreeing, sorted(halves.earliest_exit_layers)) == (
+        whole.tokens, whole.agreeing, sorted(whole.earliest_exit_layers)
+    )
