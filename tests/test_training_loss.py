@@ -106,3 +106,5 @@ def test_bad_arguments_are_named():
         exit_distillation_loss(heads, final, mask, temperature=0)
     with pytest.raises(ValueError, match="3 weights for 2 exits"):
         exit_distillation_loss(heads, final, mask, weights=[0.2, 0.3, 0.5])
+    with pytest.raises(ValueError, match="top_k must be between 1 and the vocabulary size 11, got 12"):
+        exit_distillation_loss(heads, final, mask, top_k=12)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from torch.nn import functional as F
 
 #: Per-exit weighting schemes accepted by `exit_weights`.
 WEIGHTING_SCHEMES = ("uniform", "linear")
@@ -67,6 +66,9 @@ def exit_distillation_loss(
     if token_mask is None:
         token_mask = torch.ones(final_logits.shape[:-1], dtype=torch.bool, device=final_logits.device)
     token_mask = token_mask.bool()
+    vocab_size = final_logits.shape[-1]
+    if top_k is not None and not 1 <= top_k <= vocab_size:
+        raise ValueError(f"top_k must be between 1 and the vocabulary size {vocab_size}, got {top_k}.")
 
     teacher = final_logits.detach()[token_mask].float() / temperature  # (tokens, vocab)
     indices = None
