@@ -16,7 +16,7 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from tiny_models import TINY_CONFIGS, VOCAB, tiny_model
+from tiny_models import TINY_CONFIGS, VOCAB, run_layers, tiny_model
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from early_exit import UnsupportedArchitectureError, add_exit_heads, get_decoder_adapter, supported_model_types
@@ -94,17 +94,6 @@ def generate_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return position_ids
 
 
-def run_layers(adapter, input_ids, attention_mask=None, position_ids=None, cache=None):
-    """Run one forward step through the adapter; returns (logits, hidden states entering layer 0 and after each
-    layer)."""
-    hidden, inputs = adapter.start(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache)
-    hiddens = [hidden]
-    for index in range(adapter.num_layers):
-        hidden = adapter.layer(index, hidden, inputs)
-        hiddens.append(hidden)
-    return adapter.unembed(adapter.norm(hidden)), hiddens
-
-
 def run_incrementally(adapter, batch: Batch, position_ids=None):
     """Decode `batch` through the adapter the way generation does: a prefill of `batch.prefill` tokens, then one
     token at a time, each step given the mask over past and current tokens. Returns (all logits, the cache)."""
@@ -134,23 +123,14 @@ def assert_close_where_real(actual, expected, attention_mask):
 @settings(max_examples=8, deadline=None)
 @example(batch=LONG_PADDED)
 @given(batch=left_padded_batches())
-def test_layer_by_layer_matches_base_forward(variant, batch):
-    model, adapter = _tiny(variant)
-    expected = model(batch.input_ids, attention_mask=batch.attention_mask).logits
-    logits, _ = run_layers(adapter, batch.input_ids, attention_mask=batch.attention_mask)
-    assert_close_where_real(logits, expected, batch.attention_mask)
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-@settings(max_examples=8, deadline=None)
-@example(batch=LONG_PADDED)
-@given(batch=left_padded_batches())
-def test_cached_decoding_matches_base_forward(variant, batch):
+def test_layer_by_layer_matches_base_forward_with_and_without_cache(variant, batch):
     model, adapter = _tiny(variant)
     # Positions are left to each side's default, which for most models ignores padding: both sides agree on it.
     expected = model(batch.input_ids, attention_mask=batch.attention_mask).logits
-    logits, cache = run_incrementally(adapter, batch)
+    logits, _ = run_layers(adapter, batch.input_ids, attention_mask=batch.attention_mask)
     assert_close_where_real(logits, expected, batch.attention_mask)
+    cached_logits, cache = run_incrementally(adapter, batch)
+    assert_close_where_real(cached_logits, expected, batch.attention_mask)
     assert cache.get_seq_length() == batch.input_ids.shape[1]
 
 

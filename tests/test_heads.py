@@ -15,18 +15,13 @@ import early_exit
 from early_exit import EarlyExitConfig, ExitHead, register_head_type
 from early_exit.heads import HEAD_TYPES
 
-from tiny_models import VOCAB, tiny_model
+from tiny_models import VOCAB, run_layers, tiny_model
 
 
 def _logit_lens(model, input_ids):
     """Per exit, the base's final norm and LM head applied to the hidden state after that exit's layer."""
-    decoder = model.decoder
-    hidden, inputs = decoder.start(input_ids)
-    lens = {}
-    for index in range(decoder.num_layers):
-        hidden = decoder.layer(index, hidden, inputs)
-        lens[index + 1] = decoder.unembed(decoder.norm(hidden))
-    return [lens[layer] for layer in model.exit_layers]
+    _, hiddens = run_layers(model.decoder, input_ids)
+    return [model.decoder.unembed(model.decoder.norm(hiddens[layer])) for layer in model.exit_layers]
 
 
 @torch.no_grad()

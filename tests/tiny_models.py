@@ -1,4 +1,5 @@
-"""Tiny randomly initialised causal LMs of every supported architecture, built from configs (no downloads)."""
+"""Tiny randomly initialised causal LMs of every supported architecture (built from configs, no downloads), and
+the layer-by-layer run the tests compare them with."""
 
 from __future__ import annotations
 
@@ -34,3 +35,14 @@ def tiny_model(model_type: str, seed: int = 0, **overrides) -> PreTrainedModel:
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config).eval()
+
+
+def run_layers(adapter, input_ids, attention_mask=None, position_ids=None, cache=None):
+    """Run one forward step through the adapter; returns (logits, hidden states entering layer 0 and after each
+    layer)."""
+    hidden, inputs = adapter.start(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache)
+    hiddens = [hidden]
+    for index in range(adapter.num_layers):
+        hidden = adapter.layer(index, hidden, inputs)
+        hiddens.append(hidden)
+    return adapter.unembed(adapter.norm(hidden)), hiddens
