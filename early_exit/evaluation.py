@@ -1,22 +1,25 @@
-"""How well the exits predict the final layer's token."""
+"""How well the exits predict the final layer's token (and distribution)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
 from .modeling_early_exit import EarlyExitForCausalLM
+from .training.loss import exit_distillation_loss
 
 
 @dataclass
 class ExitAgreement:
-    """Top-1 agreement of each exit with the final layer over a set of token positions.
+    """Top-1 agreement and KL of each exit with the final layer over a set of token positions.
 
     Attributes:
         exit_layers: the exits, in order.
         num_layers: depth of the base model.
         agreeing: per exit, how many positions its top-1 token equals the final layer's.
+        kl_sums: per exit, the sum over positions of KL(final layer's distribution || exit's).
         tokens: how many positions were counted.
         earliest_exit_layers: per position where some exit agrees, the first such exit (the oracle exit policy).
     """
@@ -24,13 +27,37 @@ class ExitAgreement:
     exit_layers: list[int]
     num_layers: int
     agreeing: list[int] = field(default_factory=list)
+    kl_sums: list[float] = field(default_factory=list)
     tokens: int = 0
     earliest_exit_layers: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.agreeing = self.agreeing or [0] * len(self.exit_layers)
+        self.kl_sums = self.kl_sums or [0.0] * len(self.exit_layers)
+
+    @torch.no_grad()
+    def add(self, exit_logits: Sequence[torch.Tensor], final_logits: torch.Tensor, positions: torch.Tensor) -> None:
+        """Count the positions where `positions` (batch, seq) is true, given each exit's and the final logits."""
+        final = final_logits.argmax(-1)[positions]
+        hits = torch.stack([logits.argmax(-1)[positions] == final for logits in exit_logits])  # (exits, tokens)
+        count = final.numel()
+        self.tokens += count
+        for index, logits in enumerate(exit_logits):
+            self.agreeing[index] += int(hits[index].sum())
+            self.kl_sums[index] += float(exit_distillation_loss([logits], final_logits, positions)) * count
+        layers = torch.tensor(self.exit_layers)
+        any_agrees = hits.any(dim=0)
+        self.earliest_exit_layers += layers[hits.int().argmax(dim=0)[any_agrees]].tolist()
 
     @property
     def rates(self) -> list[float]:
         """Per exit, the fraction of positions where it agrees with the final layer."""
         return [count / max(self.tokens, 1) for count in self.agreeing]
+
+    @property
+    def kl(self) -> list[float]:
+        """Per exit, the mean KL from the final layer's distribution to the exit's."""
+        return [total / max(self.tokens, 1) for total in self.kl_sums]
 
     @property
     def oracle_mean_layers(self) -> float:
@@ -55,14 +82,7 @@ def measure_agreement(
         positions: boolean (batch, seq): which positions' next-token predictions to count.
         into: an `ExitAgreement` to add these counts to, so several batches can be accumulated.
     """
-    result = into or ExitAgreement(model.exit_layers, model.decoder.num_layers, [0] * len(model.exit_layers))
+    result = into or ExitAgreement(model.exit_layers, model.decoder.num_layers)
     output = model(input_ids, attention_mask=attention_mask, use_cache=False)
-    final = output.logits.argmax(-1)[positions]
-    hits = torch.stack([logits.argmax(-1)[positions] == final for logits in output.exit_logits])  # (exits, tokens)
-    result.tokens += final.numel()
-    for index, count in enumerate(hits.sum(dim=1).tolist()):
-        result.agreeing[index] += count
-    layers = torch.tensor(model.exit_layers)
-    any_agrees = hits.any(dim=0)
-    result.earliest_exit_layers += layers[hits.int().argmax(dim=0)[any_agrees]].tolist()
+    result.add(output.exit_logits, output.logits, positions)
     return result

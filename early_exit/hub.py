@@ -6,11 +6,12 @@ import os
 
 from huggingface_hub import HfApi
 
-from .checkpoint import MODEL_CARD_NAME, WEIGHTS_NAME
+from .checkpoint import BASE_ADAPTER_DIR, MODEL_CARD_NAME, WEIGHTS_NAME
 from .errors import EarlyExitError
 
-#: The files of a heads folder that are uploaded; anything else in the folder (logs, notes) stays local.
-HEAD_FILES = ["config.json", WEIGHTS_NAME, MODEL_CARD_NAME]
+#: The files of a heads folder that are uploaded (with the base's jointly trained PEFT adapter, if there is one);
+#: anything else in the folder (logs, notes, trainer checkpoints) stays local.
+HEAD_FILES = ["config.json", WEIGHTS_NAME, MODEL_CARD_NAME, f"{BASE_ADAPTER_DIR}/*"]
 
 
 class HubUnreachableError(EarlyExitError, ConnectionError):

@@ -6,6 +6,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -15,7 +16,16 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.utils import ModelOutput, cached_file, logging
 
 from .architectures import DecoderAdapter, get_decoder_adapter, unwrap_model
-from .checkpoint import MODEL_CARD_NAME, WEIGHTS_NAME, atomic_directory, check_head_weights, model_card, read_head_weights
+from .checkpoint import (
+    BASE_ADAPTER_DIR,
+    MODEL_CARD_NAME,
+    PEFT_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    atomic_directory,
+    check_head_weights,
+    model_card,
+    read_head_weights,
+)
 from .configuration_early_exit import EarlyExitConfig
 from .default_model import load_base_model
 from .errors import CheckpointError, HeadMismatchError
@@ -90,9 +100,9 @@ class EarlyExitForCausalLM(PreTrainedModel):
         """Layer numbers after which the exits sit (an exit after layer `l` sees `l` decoder layers)."""
         return list(self.config.exit_layers)
 
-    def _init_weights(self, module: nn.Module) -> None:
-        # Heads initialise themselves in their constructors; the base model arrives trained.
-        pass
+    def initialize_weights(self) -> None:
+        """Do nothing: heads initialise themselves when built, and the base arrives trained. (transformers' default
+        would walk into the base and re-initialise whatever is not marked as loaded, such as a PEFT model's LoRA.)"""
 
     def head_parameter_count(self) -> int:
         """Number of parameters in the exit heads."""
@@ -119,15 +129,39 @@ class EarlyExitForCausalLM(PreTrainedModel):
             use_cache = self.decoder.config.use_cache
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.decoder.config)
-        hidden, inputs = self.decoder.start(input_ids, attention_mask, position_ids, past_key_values)
         exit_logits = []
-        for index in range(self.decoder.num_layers):
-            hidden = self.decoder.layer(index, hidden, inputs)
-            layer = str(index + 1)
-            if layer in self.exit_heads:
-                exit_logits.append(self.exit_heads[layer](hidden, self.decoder))
+        for layer, hidden in self.iter_layers(input_ids, attention_mask, position_ids, past_key_values):
+            if str(layer) in self.exit_heads:
+                exit_logits.append(self.exit_logits_at(layer, hidden))
         logits = self.decoder.unembed(self.decoder.norm(hidden))
         return EarlyExitCausalLMOutput(logits=logits, exit_logits=tuple(exit_logits), past_key_values=past_key_values)
+
+    def iter_layers(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Run the base's decoder layers one at a time, yielding `(layer number, hidden state after it)`.
+
+        The last hidden state yielded is the final layer's output, before the final norm.
+        """
+        hidden, inputs = self.decoder.start(input_ids, attention_mask, position_ids, past_key_values)
+        for index in range(self.decoder.num_layers):
+            hidden = self.decoder.layer(index, hidden, inputs)
+            yield index + 1, hidden
+
+    def exit_logits_at(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """The logits of the exit after `layer`, from the hidden state after that layer (batch, seq, hidden)."""
+        return self.exit_heads[str(layer)](hidden, self.decoder)
+
+    def train(self, mode: bool = True) -> "EarlyExitForCausalLM":
+        """Set training mode; a frozen base stays in eval mode, so its dropout never perturbs the heads' targets."""
+        super().train(mode)
+        if unwrap_model(self.base) is self.base:
+            self.base.eval()
+        return self
 
     # --- saving and loading ----------------------------------------------------------------------------------
     def save_pretrained(
@@ -140,7 +174,8 @@ class EarlyExitForCausalLM(PreTrainedModel):
     ) -> None:
         """Save the head weights, the config and a model card to `save_directory`, atomically.
 
-        The base model is not saved: the config names it. If the save fails, whatever `save_directory` held before
+        The base model is not saved: the config names it. If the base is a PEFT `PeftModel` (joint tuning), its
+        adapter is saved too, in the `base_adapter` subfolder, and is applied again on loading. If the save fails, whatever `save_directory` held before
         is left untouched. `state_dict` (as `Trainer` passes it) may hold the whole model; only heads are kept.
         With `push_to_hub=True` the saved folder is then uploaded to `repo_id` (default: the folder's name); the
         keyword arguments of `early_exit.hub.upload_heads` are passed on. Other keyword arguments of
@@ -149,6 +184,8 @@ class EarlyExitForCausalLM(PreTrainedModel):
         """
         if not is_main_process:
             return
+        jointly_tuned_base = unwrap_model(self.base) is not self.base
+        self.config.base_adapter = BASE_ADAPTER_DIR if jointly_tuned_base else None
         _warn_if_base_path_is_temporary(self.config.base_model_name_or_path)
         state_dict = state_dict if state_dict is not None else self.state_dict()
         heads = {
@@ -164,11 +201,14 @@ class EarlyExitForCausalLM(PreTrainedModel):
             self.config.head_type,
             self.head_parameter_count(),
             self.base_parameter_count(),
+            self.config.training,
         )
         with atomic_directory(save_directory) as staging:
             save_file(heads, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
             self.config.to_json_file(str(staging / "config.json"))
             (staging / MODEL_CARD_NAME).write_text(card, encoding="utf-8")
+            if jointly_tuned_base:
+                self.base.save_pretrained(str(staging / BASE_ADAPTER_DIR))
         if push_to_hub:
             repo_id = kwargs.pop("repo_id", None) or Path(save_directory).name
             push_arguments = ("private", "token", "revision", "commit_message", "create_pr")
@@ -229,12 +269,34 @@ class EarlyExitForCausalLM(PreTrainedModel):
                     "EarlyExitForCausalLM.from_pretrained(path, base_model=<your causal LM>)."
                 )
             base_model = load_base_model(config.base_model_name_or_path, config.base_model_revision, **kwargs)
+        if config.base_adapter and unwrap_model(base_model) is base_model:
+            from peft import PeftModel
+
+            subfolder = "/".join(filter(None, [hub_kwargs.pop("subfolder", None), config.base_adapter]))
+            base_model = PeftModel.from_pretrained(base_model, source, subfolder=subfolder, **hub_kwargs)
         model = cls(config, base_model)
-        weights = read_head_weights(weights_file)
-        expected = {f"exit_heads.{name}": tensor for name, tensor in model.exit_heads.state_dict().items()}
-        check_head_weights(expected, weights, source)
-        model.load_state_dict(weights, strict=False)
+        model._load_head_weights(weights_file, source)
         return model.eval()
+
+    def load_trained_weights(self, folder: str | os.PathLike) -> None:
+        """Load the weights a `save_pretrained` call wrote to `folder` (heads, and the base's PEFT adapter if it
+        has one) into this model, e.g. to resume training from a `Trainer` checkpoint.
+
+        Raises:
+            CheckpointError: the folder's weights are missing, corrupt or do not match this model's heads.
+        """
+        folder = Path(folder)
+        self._load_head_weights(folder / WEIGHTS_NAME, str(folder))
+        if unwrap_model(self.base) is not self.base:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.base, read_head_weights(folder / BASE_ADAPTER_DIR / PEFT_WEIGHTS_NAME))
+
+    def _load_head_weights(self, weights_file: str | os.PathLike, source: str) -> None:
+        weights = read_head_weights(weights_file)
+        expected = {f"exit_heads.{name}": tensor for name, tensor in self.exit_heads.state_dict().items()}
+        check_head_weights(expected, weights, source)
+        self.load_state_dict(weights, strict=False)
 
 
 def _record_or_check_base_shape(config: EarlyExitConfig, decoder: DecoderAdapter) -> None:

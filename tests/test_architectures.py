@@ -9,14 +9,13 @@ and every accepted draft token is silently wrong. These tests pin each architect
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from tiny_models import TINY_CONFIGS, VOCAB, run_layers, tiny_model
+from tiny_models import STORIES260K, TINY_CONFIGS, VOCAB, run_layers, tiny_model
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from early_exit import UnsupportedArchitectureError, add_exit_heads, get_decoder_adapter, supported_model_types
@@ -25,7 +24,6 @@ from early_exit import UnsupportedArchitectureError, add_exit_heads, get_decoder
 # width differs from its hidden size (project_in/project_out) and which normalises after each layer (no final norm).
 VARIANTS = {model_type: (model_type, {}) for model_type in sorted(TINY_CONFIGS)}
 VARIANTS["opt-350m-like"] = ("opt", dict(word_embed_proj_dim=16, do_layer_norm_before=False))
-STORIES260K = Path(__file__).parents[2] / "shared" / "models" / "stories260k"
 TOLERANCE = dict(atol=1e-5, rtol=1e-5)
 
 

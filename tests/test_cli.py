@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM
@@ -11,9 +10,8 @@ from transformers import AutoModelForCausalLM
 import early_exit
 from early_exit.cli import main
 
-from tiny_models import tiny_model
+from tiny_models import STORIES260K, tiny_model
 
-STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260k"
 
 
 def test_info_prints_every_exit_and_the_head_share(tmp_path, capsys):
@@ -35,12 +33,32 @@ def test_info_reads_a_saved_heads_folder(tmp_path, capsys):
     assert rows == [("1", "0.25", "logit_lens", "0"), ("3", "0.75", "logit_lens", "0")]
 
 
-@pytest.mark.skipif(not STORIES.is_dir(), reason="shared/models/stories260k is not beside the checkout")
+@pytest.mark.skipif(not STORIES260K.is_dir(), reason="shared/models/stories260k is not beside the checkout")
 def test_agreement_reports_every_exit_on_a_real_model(capsys):
-    main(["agreement", "--model", str(STORIES), "--prompts", "3", "--max-new-tokens", "6"])
+    main(["agreement", "--model", str(STORIES260K), "--prompts", "3", "--max-new-tokens", "6"])
     printed = capsys.readouterr().out
     rows = re.findall(r"^\s+(\d)\s+[\d.]+\s+([\d.]+)%$", printed, flags=re.MULTILINE)
     assert [layer for layer, _ in rows] == ["1", "2", "3", "4"]  # 0.2 .. 0.8 of 5 layers
     assert all(0.0 <= float(rate) <= 100.0 for _, rate in rows)
     assert "18 generated tokens" in printed
     assert re.search(r"averages [\d.]+ of 5 layers", printed)
+
+
+@pytest.mark.skipif(not STORIES260K.is_dir(), reason="shared/models/stories260k is not beside the checkout")
+def test_train_writes_a_heads_folder_that_loads_and_records_its_training(tmp_path, capsys):
+    output = tmp_path / "heads"
+    main([
+        "train", "--model", str(STORIES260K), "--exit-layers", "2", "4", "--output", str(output),
+        "--train-tokens", "1500", "--eval-tokens", "400", "--block-size", "64", "--generation-tokens", "8",
+        "--epochs", "2", "--cache-hidden-states",
+    ])
+    printed = capsys.readouterr().out
+    rows = re.findall(r"^\s+(\d)\s+([\d.]+)%\s+([\d.]+)%\s+([\d.]+)$", printed, flags=re.MULTILINE)
+    assert [row[0] for row in rows] == ["2", "4"]
+    model = AutoModelForCausalLM.from_pretrained(output)
+    assert model.exit_layers == [2, 4]
+    training = model.config.training
+    assert training["held-out agreement by exit"] == {
+        layer: pytest.approx(float(after) / 100, abs=6e-4) for layer, _, after, _ in rows
+    }
+    assert "## Training" in (output / "README.md").read_text()

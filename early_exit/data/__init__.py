@@ -8,9 +8,14 @@ from importlib import resources
 from transformers import PreTrainedTokenizerBase
 
 
-def load_prompts() -> list[dict[str, str]]:
-    """The project's prompts, each `{"kind": "instruction" | "text", "text": ...}`."""
-    return json.loads(resources.files(__package__).joinpath("prompts.json").read_text(encoding="utf-8"))
+def load_prompts(split: str | None = None) -> list[dict[str, str]]:
+    """The project's prompts, each `{"kind": "instruction" | "text", "text": ..., "split": ...}`.
+
+    Args:
+        split: keep only the prompts of this split ("train", "calibration" or "eval"); all when omitted.
+    """
+    prompts = json.loads(resources.files(__package__).joinpath("prompts.json").read_text(encoding="utf-8"))
+    return [prompt for prompt in prompts if split is None or prompt["split"] == split]
 
 
 def format_prompt(prompt: dict[str, str], tokenizer: PreTrainedTokenizerBase) -> str:

@@ -70,19 +70,26 @@ def exit_distillation_loss(
     if top_k is not None and not 1 <= top_k <= vocab_size:
         raise ValueError(f"top_k must be between 1 and the vocabulary size {vocab_size}, got {top_k}.")
 
-    teacher = final_logits.detach()[token_mask].float() / temperature  # (tokens, vocab)
+    # Fused log-softmaxes that read low-precision logits and write float32, no division when the temperature is 1,
+    # and a mask product instead of boolean indexing: each is a full pass over (tokens x vocabulary) saved per exit.
+    teacher = final_logits.detach()
+    if temperature != 1.0:
+        teacher = teacher / temperature
     indices = None
     if top_k is not None:
         teacher, indices = teacher.topk(top_k, dim=-1)
-    teacher_log_probs = teacher.log_softmax(-1)
+    teacher_log_probs = teacher.log_softmax(-1, dtype=torch.float32)
     teacher_probs = teacher_log_probs.exp()
+    teacher_neg_entropy = (teacher_probs * teacher_log_probs).sum(-1)
+    counted = token_mask.to(torch.float32)
 
     total = final_logits.new_zeros((), dtype=torch.float32)
     for weight, logits in zip(weights, exit_logits):
-        student_log_probs = (logits[token_mask].float() / temperature).log_softmax(-1)
+        student = logits if temperature == 1.0 else logits / temperature
+        student_log_probs = student.log_softmax(-1, dtype=torch.float32)
         if indices is not None:
             student_log_probs = student_log_probs.gather(-1, indices)
-        per_token = (teacher_probs * (teacher_log_probs - student_log_probs)).sum(-1)
-        total = total + weight * per_token.sum()
+        per_token = teacher_neg_entropy - (teacher_probs * student_log_probs).sum(-1)
+        total = total + weight * (per_token * counted).sum()
     denominator = num_items_in_batch if num_items_in_batch is not None else token_mask.sum().clamp(min=1)
     return total * temperature**2 / denominator

@@ -1,0 +1,86 @@
+"""Reports on trained heads: held-out agreement by layer, as a Markdown table and a plot."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .evaluation import ExitAgreement
+from .modeling_early_exit import EarlyExitForCausalLM
+from .training import DistillationCollator
+
+
+@dataclass
+class AgreementCurve:
+    """Held-out agreement of one set of exits, for a table row group and a line of the plot."""
+
+    label: str
+    result: ExitAgreement
+    parameters: int = 0
+
+
+@torch.no_grad()
+def held_out_agreement(
+    model: EarlyExitForCausalLM, dataset: torch.utils.data.Dataset, batch_size: int = 4, bf16: bool = False
+) -> ExitAgreement:
+    """Each exit's top-1 agreement with (and KL from) the final layer over every position of `dataset`'s blocks."""
+    result = ExitAgreement(model.exit_layers, model.decoder.num_layers)
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=DistillationCollator())
+    for batch in tqdm(loader, desc="held-out agreement", disable=None):
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
+            output = model(batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        result.add(output.exit_logits, output.logits, batch["attention_mask"].bool())
+    return result
+
+
+def agreement_table(curves: list[AgreementCurve]) -> str:
+    """A Markdown table: one row per exit layer, one agreement (and KL) column per curve."""
+    layers = sorted({layer for curve in curves for layer in curve.result.exit_layers})
+    header = "| exit after layer | " + " | ".join(f"{curve.label} agreement | KL" for curve in curves) + " |"
+    rule = "| ---: |" + " ---: | ---: |" * len(curves)
+    rows = []
+    for layer in layers:
+        cells = []
+        for curve in curves:
+            if layer in curve.result.exit_layers:
+                index = curve.result.exit_layers.index(layer)
+                cells += [f"{100 * curve.result.rates[index]:.1f}%", f"{curve.result.kl[index]:.2f}"]
+            else:
+                cells += ["", ""]
+        rows.append(f"| {layer} | " + " | ".join(cells) + " |")
+    oracle_cells = [cell for curve in curves for cell in (f"{curve.result.oracle_mean_layers:.1f}", "")]
+    oracle = "| oracle: mean layers if each token left at its earliest agreeing exit | " + " | ".join(oracle_cells) + " |"
+    return "\n".join([header, rule, *rows, oracle])
+
+
+def plot_agreement_by_layer(curves: list[AgreementCurve], path: str | os.PathLike, title: str) -> Path:
+    """Draw each curve's agreement against exit layer and save the figure (PNG) to `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+    from matplotlib.ticker import MaxNLocator
+
+    figure, axes = pyplot.subplots(figsize=(7, 4.2), dpi=120)
+    for curve in curves:
+        style = {"linestyle": "--", "marker": None} if len(curve.result.exit_layers) > 12 else {"marker": "o"}
+        axes.plot(curve.result.exit_layers, [100 * rate for rate in curve.result.rates], label=curve.label, **style)
+    axes.set_xlabel(f"exit after layer (of {curves[0].result.num_layers})")
+    axes.set_ylabel("top-1 agreement with the final layer (%)")
+    axes.set_ylim(0, 100)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(alpha=0.3)
+    axes.set_title(title, fontsize=10)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    pyplot.close(figure)
+    return path

@@ -1,0 +1,116 @@
+"""Run the frozen backbone once and keep the hidden states the heads read, so heads can train for many epochs.
+
+With a frozen base, every epoch would recompute the same hidden states; caching them leaves only the heads, the
+final norm and the LM head to run per step. The memory this takes is estimated and printed before caching starts.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ..modeling_early_exit import EarlyExitForCausalLM
+
+
+def estimate_cache_bytes(num_tokens: int, num_exits: int, hidden_size: int, dtype: torch.dtype) -> int:
+    """Bytes needed to cache, per token, the hidden state at each exit and at the last layer."""
+    return num_tokens * (num_exits + 1) * hidden_size * torch.empty((), dtype=dtype).element_size()
+
+
+def _physical_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+@dataclass
+class HiddenStateCache(Dataset):
+    """Cached hidden states of a token dataset.
+
+    Items are `{"exit_hidden_states": (exits, seq, hidden), "final_hidden_states": (seq, hidden),
+    "attention_mask": (seq,)}`; `EarlyExitTrainer` recognises them and trains the heads without running the base.
+    """
+
+    exit_hidden_states: torch.Tensor  # (examples, exits, seq, hidden)
+    final_hidden_states: torch.Tensor  # (examples, seq, hidden): the last layer's output, before the final norm
+    attention_mask: torch.Tensor  # (examples, seq)
+
+    def __len__(self) -> int:
+        return self.attention_mask.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {
+            "exit_hidden_states": self.exit_hidden_states[index],
+            "final_hidden_states": self.final_hidden_states[index],
+            "attention_mask": self.attention_mask[index],
+        }
+
+    @classmethod
+    @torch.no_grad()
+    def build(
+        cls,
+        model: EarlyExitForCausalLM,
+        dataset: Dataset,
+        collate_fn,
+        batch_size: int = 8,
+        dtype: torch.dtype | None = None,
+    ) -> "HiddenStateCache":
+        """Run `model`'s base over `dataset` once and keep the hidden states at its exits and last layer.
+
+        Args:
+            model: the model whose exit layers to cache (its base must be frozen: a jointly tuned base changes
+                while training, so its hidden states cannot be cached).
+            dataset: items with `input_ids` and `attention_mask`, as `TokenBlocks` gives them.
+            collate_fn: pads items into a batch (e.g. `DistillationCollator()`).
+            batch_size: sequences per backbone pass.
+            dtype: dtype to store the states in (default: the model's); `torch.bfloat16` halves a float32 cache.
+        """
+        dtype = dtype or model.dtype
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn)
+        batches = [batch for batch in loader]
+        width = max(batch["input_ids"].shape[1] for batch in batches)
+        num_tokens = len(dataset) * width
+        needed = estimate_cache_bytes(num_tokens, len(model.exit_layers), model.decoder.hidden_size, dtype)
+        available = _physical_memory_bytes()
+        tqdm.write(
+            f"Caching hidden states: {len(dataset)} sequences x {width} positions x {len(model.exit_layers) + 1} "
+            f"layers x {model.decoder.hidden_size} ({dtype}) = {needed / 2**30:.2f} GiB"
+            + (f" of {available / 2**30:.1f} GiB memory" if available else ""),
+            file=sys.stderr,
+        )
+        if available is not None and needed > 0.8 * available:
+            raise MemoryError(
+                f"Caching hidden states needs about {needed / 2**30:.1f} GiB, more than 80% of this machine's "
+                f"{available / 2**30:.1f} GiB: train on fewer tokens, cache in torch.bfloat16, or train without the "
+                "cache."
+            )
+        exits = set(model.exit_layers)
+        count, hidden_size = len(dataset), model.decoder.hidden_size
+        cache = cls(
+            torch.zeros(count, len(exits), width, hidden_size, dtype=dtype),
+            torch.zeros(count, width, hidden_size, dtype=dtype),
+            torch.zeros(count, width, dtype=torch.long),
+        )
+        was_training = model.training
+        model.eval()
+        start = 0
+        for batch in tqdm(batches, desc="caching hidden states", disable=None):
+            batch = {name: tensor.to(model.device) for name, tensor in batch.items()}
+            rows, length = batch["input_ids"].shape
+            states = [
+                hidden
+                for layer, hidden in model.iter_layers(batch["input_ids"], batch["attention_mask"])
+                if layer in exits or layer == model.decoder.num_layers
+            ]
+            cache.exit_hidden_states[start : start + rows, :, :length] = torch.stack(states[:-1], dim=1).to("cpu", dtype)
+            cache.final_hidden_states[start : start + rows, :length] = states[-1].to("cpu", dtype)
+            cache.attention_mask[start : start + rows, :length] = batch["attention_mask"].to("cpu")
+            start += rows
+        model.train(was_training)
+        return cache

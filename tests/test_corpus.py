@@ -1,0 +1,120 @@
+"""Training text: splits that never mix, packing that loses nothing, users' files, and the model's generations."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections import Counter
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tiny_models import STORIES260K
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from early_exit.data import load_prompts
+from early_exit.data.corpus import (
+    SPLIT_SHARES,
+    SPLITS,
+    TokenBlocks,
+    file_texts,
+    generate_sequences,
+    python_library_texts,
+    split_of,
+    tokenize_texts,
+)
+
+
+def test_every_prompt_belongs_to_one_split_and_splits_share_no_prompt():
+    prompts = load_prompts()
+    assert {prompt["split"] for prompt in prompts} == set(SPLITS)
+    texts = {split: {prompt["text"] for prompt in load_prompts(split)} for split in SPLITS}
+    assert sum(map(len, texts.values())) == len(prompts) == len({prompt["text"] for prompt in prompts})
+    assert {prompt["kind"] for prompt in load_prompts("train")} == {"instruction", "text"}
+
+
+def test_split_of_is_stable_and_follows_the_shares():
+    names = [f"module_{index}.py" for index in range(4000)]
+    counts = Counter(map(split_of, names))
+    for split, share in SPLIT_SHARES.items():
+        assert counts[split] / len(names) == pytest.approx(share, abs=0.03)
+    assert [split_of(name) for name in names[:50]] == [split_of(name) for name in names[:50]]
+
+
+def test_python_library_splits_hold_different_modules():
+    texts = {
+        split: set(itertools.islice(python_library_texts(split, "source"), 15)) for split in ("train", "eval")
+    }
+    assert len(texts["train"]) == 15 and len(texts["eval"]) == 15
+    assert not texts["train"] & texts["eval"]
+    docstrings = list(itertools.islice(python_library_texts("calibration"), 5))
+    assert docstrings and all("def " not in text.split("\n")[0] for text in docstrings)
+    with pytest.raises(ValueError, match="split"):
+        next(python_library_texts("validation"))
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    sequences=st.lists(st.lists(st.integers(0, 50), min_size=0, max_size=30), min_size=1, max_size=8),
+    block_size=st.integers(2, 17),
+    separator=st.one_of(st.none(), st.just(99)),
+)
+def test_packing_keeps_every_token_in_order(sequences, block_size, separator):
+    blocks = TokenBlocks.pack(sequences, block_size, separator)
+    stream = []
+    for sequence in sequences:
+        if stream and separator is not None:
+            stream.append(separator)
+        stream.extend(sequence)
+    packed = [token for block in blocks.blocks for token in block]
+    assert packed == stream[: len(packed)] and len(stream) - len(packed) <= 1  # only a lone last token is dropped
+    assert all(len(block) == block_size for block in blocks.blocks[:-1])
+    for index in range(len(blocks)):
+        item = blocks[index]
+        assert item["input_ids"].tolist() == blocks.blocks[index] and item["attention_mask"].all()
+    assert blocks.num_tokens == len(packed)
+
+
+def test_users_files_are_read_whole_or_by_column(tmp_path):
+    (tmp_path / "notes.txt").write_text("plain text, read whole\nsecond line", encoding="utf-8")
+    rows = [{"text": "first row", "id": 1}, {"text": "second row", "id": 2}]
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(row) for row in rows), encoding="utf-8")
+    texts = list(file_texts([tmp_path / "notes.txt", tmp_path / "rows.jsonl"]))
+    assert texts == ["plain text, read whole\nsecond line", "first row", "second row"]
+    with pytest.raises(KeyError, match="no column 'body'"):
+        list(file_texts([tmp_path / "rows.jsonl"], column="body"))
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        list(file_texts([tmp_path / "missing.txt"]))
+
+
+needs_stories = pytest.mark.skipif(not STORIES260K.is_dir(), reason="shared/models/stories260k is not beside the checkout")
+
+
+@needs_stories
+def test_tokenizing_stops_at_the_budget():
+    tokenizer = AutoTokenizer.from_pretrained(STORIES260K)
+    ids = list(tokenize_texts(["Once upon a time there was a cat."] * 10, tokenizer, max_tokens=25))
+    assert sum(map(len, ids)) == 25
+
+
+@needs_stories
+def test_generations_continue_the_prompts_and_leave_the_tokenizer_as_it_was():
+    tokenizer = AutoTokenizer.from_pretrained(STORIES260K)
+    model = AutoModelForCausalLM.from_pretrained(STORIES260K).eval()
+    state = (tokenizer.padding_side, tokenizer.pad_token)
+    sequences = generate_sequences(model, tokenizer, "calibration", max_new_tokens=6, batch_size=5)
+    assert (tokenizer.padding_side, tokenizer.pad_token) == state
+    assert sequences == generate_sequences(model, tokenizer, "calibration", max_new_tokens=6, batch_size=5)
+    prompts = load_prompts("calibration")
+    assert len(sequences) == len(prompts)
+    for prompt, sequence in zip(prompts, sequences):
+        prompt_ids = tokenizer(prompt["text"], add_special_tokens=False)["input_ids"]
+        assert sequence[: len(prompt_ids)] == prompt_ids  # no padding kept, whatever the row's length
+        assert len(prompt_ids) < len(sequence) <= len(prompt_ids) + 6
+    # Greedy generation is the model's own argmax continuation.
+    greedy = generate_sequences(model, tokenizer, "calibration", max_new_tokens=3, do_sample=False)[0]
+    prompt_ids = tokenizer(prompts[0]["text"], add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([prompt_ids]), max_new_tokens=3, do_sample=False)[0].tolist()
+    assert greedy == expected
