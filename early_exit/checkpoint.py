@@ -54,6 +54,7 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
         yield staging
         for written in staging.rglob("*"):
             if written.is_file():
+                os.chmod(written, 0o666 & ~umask)  # some writers create private files; saved heads are for sharing
                 with open(written, "rb") as handle:
                     os.fsync(handle.fileno())
         if not target.exists():

@@ -124,6 +124,7 @@ def train(args: argparse.Namespace) -> None:
         output_dir=args.checkpoint_dir or tempfile.mkdtemp(prefix="early-exit-train-"),
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation,
         num_train_epochs=args.epochs,
         learning_rate=args.learning_rate,
         warmup_steps=args.warmup_steps,
@@ -233,6 +234,118 @@ def report(args: argparse.Namespace) -> None:
     print(f"report written to {output}, plot to {plot}")
 
 
+def calibrate(args: argparse.Namespace) -> None:
+    """Calibrate a heads folder's thresholds on the calibration split for each metric and level, store the table in
+    the folder's config, and write a report with plots."""
+    from .calibration import calibrate_table, collect_exit_scores, evaluate_policy, store_calibration, threshold_family
+    from .data.corpus import distillation_corpus
+    from .reporting import plot_accuracy_against_depth, plot_exit_histograms
+
+    model = EarlyExitForCausalLM.from_pretrained(args.heads)
+    config = model.config
+    tokenizer = _tokenizer(model)
+    dataset = distillation_corpus(
+        model.base, tokenizer, "calibration", args.tokens, args.block_size, args.generation_tokens
+    )
+    scores = collect_exit_scores(model, dataset, args.metrics, bf16=args.bf16)
+    tables = [
+        calibrate_table(scores, metric, tuple(args.levels), args.method, args.delta, config.base_model_revision)
+        for metric in tqdm(args.metrics, desc="calibrating", disable=None)
+    ]
+    middle = sorted(args.levels)[len(args.levels) // 2]
+    best = min(tables, key=lambda table: table.levels[middle].mean_layers)
+    store_calibration(config, tables, default_metric=best.metric)
+    model.save_pretrained(args.heads)
+
+    num_layers = model.decoder.num_layers
+    header = "| metric | AUROC per exit (" + ", ".join(map(str, model.exit_layers)) + ") | " + " | ".join(
+        f"level {level:g}: agreement / layers" for level in args.levels
+    ) + " |"
+    lines = [header, "| --- | --- |" + " ---: |" * len(args.levels)]
+    for table in tables:
+        separation = ", ".join(f"{value:.2f}" for value in scores.separation(table.metric))
+        cells = [
+            f"{100 * table.levels[level].accuracy:.1f}% / {table.levels[level].mean_layers:.1f}" for level in args.levels
+        ]
+        lines.append(f"| {table.metric} | {separation} | " + " | ".join(cells) + " |")
+    print("\n".join(lines))
+    print(f"default metric (fewest layers at level {middle:g}): {best.metric}; thresholds stored in {args.heads}")
+    if args.report:
+        report = Path(args.report)
+        curves = {
+            table.metric: [
+                evaluate_policy(scores.scores[table.metric], scores.correct, row, model.exit_layers, num_layers)
+                for row in threshold_family(scores.scores[table.metric], scores.correct)
+            ]
+            for table in tables
+        }
+        title = f"{config.base_model_name_or_path}: {scores.num_tokens} calibration tokens"
+        curve_plot = plot_accuracy_against_depth(
+            curves, {table.metric: table.levels for table in tables}, num_layers, report.with_suffix(".png"), title
+        )
+        histogram = plot_exit_histograms(
+            best.levels, model.exit_layers, report.with_name(report.stem + "-exits.png"),
+            f"where tokens leave, {best.metric} thresholds, by level",
+        )
+        method = f"Learn then Test, delta = {args.delta}" if args.method == "ltt" else "empirical"
+        report.write_text(
+            "\n".join([
+                f"# Calibration: {config.base_model_name_or_path}, heads `{Path(args.heads).name}`",
+                "",
+                f"{scores.num_tokens} tokens of the `calibration` split (data hash {scores.data_hash}), method: {method}. "
+                "Agreement is the share of tokens whose emitted token equals the full model's on the same prefix; "
+                "layers is the average depth per token. AUROC says how well a metric tells an exit's right tokens "
+                "from its wrong ones. Written by:",
+                "",
+                "```bash",
+                "early-exit " + " ".join(args.argv),
+                "```",
+                "",
+                *lines,
+                "",
+                f"Default metric: **{best.metric}** (fewest layers at level {middle:g}).",
+                "",
+                f"![accuracy against depth]({curve_plot.name})",
+                "",
+                f"![exit layers by level]({histogram.name})",
+                "",
+            ]),
+            encoding="utf-8",
+        )
+        print(f"report written to {report}")
+
+
+def verify_calibration(args: argparse.Namespace) -> None:
+    """Measure each calibrated level on held-out text (the eval split, never used for calibration)."""
+    from .calibration import CalibrationTable, collect_exit_scores, evaluate_policy
+    from .data.corpus import distillation_corpus
+
+    model = EarlyExitForCausalLM.from_pretrained(args.heads)
+    tables = [CalibrationTable.from_dict(values) for values in (model.config.calibration or {}).get("tables", {}).values()]
+    if not tables:
+        raise SystemExit(f"{args.heads} is not calibrated: run `early-exit calibrate --heads {args.heads}` first.")
+    dataset = distillation_corpus(
+        model.base, _tokenizer(model), "eval", args.tokens, args.block_size, args.generation_tokens
+    )
+    scores = collect_exit_scores(model, dataset, [table.metric for table in tables], bf16=args.bf16)
+    print(f"Held-out check: {scores.num_tokens} tokens of the eval split (data hash {scores.data_hash})")
+    print(f"{'metric':<12}{'level':>7}{'agreement':>11}{'layers':>8}  kept")
+    failures = 0
+    for table in tables:
+        for level, outcome in sorted(table.levels.items()):
+            measured = evaluate_policy(
+                scores.scores[table.metric], scores.correct, torch.tensor(outcome.thresholds), model.exit_layers,
+                model.decoder.num_layers,
+            )
+            kept = measured.accuracy >= level
+            failures += not kept
+            print(
+                f"{table.metric:<12}{level:>7g}{100 * measured.accuracy:>10.2f}%{measured.mean_layers:>8.2f}  "
+                f"{'yes' if kept else 'NO'}"
+            )
+    print("every level kept" if not failures else f"{failures} level(s) not kept on this text")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `early-exit` console script."""
     parser = argparse.ArgumentParser(prog="early-exit", description=__doc__)
@@ -260,7 +373,10 @@ def main(argv: list[str] | None = None) -> None:
         "--generation-tokens", type=int, default=96, help="tokens the model generates per prompt (0: no generations)"
     )
     train_parser.add_argument("--epochs", type=float, default=3.0)
-    train_parser.add_argument("--batch-size", type=int, default=4)
+    train_parser.add_argument("--batch-size", type=int, default=1, help="sequences per step (default 1)")
+    train_parser.add_argument(
+        "--gradient-accumulation", type=int, default=4, help="steps per optimizer update (default 4)"
+    )
     train_parser.add_argument("--learning-rate", type=float, default=1e-3)
     train_parser.add_argument("--warmup-steps", type=int, default=10)
     train_parser.add_argument("--exit-weighting", default="uniform", help="uniform, linear, or comma-separated")
@@ -285,6 +401,23 @@ def main(argv: list[str] | None = None) -> None:
     report_parser.add_argument("--generation-tokens", type=int, default=96)
     report_parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     report_parser.set_defaults(run=report)
+
+    calibrate_parser = commands.add_parser("calibrate", help="calibrate exit thresholds for accuracy levels")
+    calibrate_parser.add_argument("--heads", required=True, help="heads folder; the table is saved into its config")
+    calibrate_parser.add_argument("--metrics", nargs="+", default=["entropy", "max_prob", "margin"])
+    calibrate_parser.add_argument("--levels", nargs="+", type=float, default=[0.8, 0.9, 0.95, 0.99])
+    calibrate_parser.add_argument("--method", choices=["ltt", "empirical"], default="ltt")
+    calibrate_parser.add_argument("--delta", type=float, default=0.1, help="chance the guarantee may fail (ltt)")
+    calibrate_parser.add_argument("--report", help="Markdown report to write (plots beside it)")
+    verify_parser = commands.add_parser("verify-calibration", help="measure calibrated levels on held-out text")
+    verify_parser.add_argument("--heads", required=True, help="a calibrated heads folder")
+    for command in (calibrate_parser, verify_parser):
+        command.add_argument("--tokens", type=int, default=32_000, help="tokens to score (default 32000)")
+        command.add_argument("--block-size", type=int, default=512)
+        command.add_argument("--generation-tokens", type=int, default=96)
+        command.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    calibrate_parser.set_defaults(run=calibrate)
+    verify_parser.set_defaults(run=verify_calibration)
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
     args.run(args)

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .calibration import PolicyOutcome
 from .evaluation import ExitAgreement
 from .modeling_early_exit import EarlyExitForCausalLM
 from .training import DistillationCollator
@@ -59,15 +60,32 @@ def agreement_table(curves: list[AgreementCurve]) -> str:
     return "\n".join([header, rule, *rows, oracle])
 
 
-def plot_agreement_by_layer(curves: list[AgreementCurve], path: str | os.PathLike, title: str) -> Path:
-    """Draw each curve's agreement against exit layer and save the figure (PNG) to `path`."""
+def _figure():
+    """A new (figure, axes) on the non-interactive backend, so plotting works on machines without a display."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
+
+    return pyplot.subplots(figsize=(7, 4.2), dpi=120)
+
+
+def _save(figure, path: str | os.PathLike) -> Path:
+    from matplotlib import pyplot
+
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    pyplot.close(figure)
+    return path
+
+
+def plot_agreement_by_layer(curves: list[AgreementCurve], path: str | os.PathLike, title: str) -> Path:
+    """Draw each curve's agreement against exit layer and save the figure (PNG) to `path`."""
     from matplotlib.ticker import MaxNLocator
 
-    figure, axes = pyplot.subplots(figsize=(7, 4.2), dpi=120)
+    figure, axes = _figure()
     for curve in curves:
         style = {"linestyle": "--", "marker": None} if len(curve.result.exit_layers) > 12 else {"marker": "o"}
         axes.plot(curve.result.exit_layers, [100 * rate for rate in curve.result.rates], label=curve.label, **style)
@@ -78,9 +96,51 @@ def plot_agreement_by_layer(curves: list[AgreementCurve], path: str | os.PathLik
     axes.grid(alpha=0.3)
     axes.set_title(title, fontsize=10)
     axes.legend(fontsize=8)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    pyplot.close(figure)
-    return path
+    return _save(figure, path)
+
+
+def plot_accuracy_against_depth(
+    curves: dict[str, list[PolicyOutcome]],
+    calibrated: dict[str, dict[float, PolicyOutcome]],
+    num_layers: int,
+    path: str | os.PathLike,
+    title: str,
+) -> Path:
+    """Accuracy against average layers used, one line per metric (its whole threshold family) with its calibrated
+    levels marked; the top axis reads the depth as the speedup it implies if heads cost nothing."""
+    figure, axes = _figure()
+    for metric, outcomes in curves.items():
+        points = sorted((outcome.mean_layers, 100 * outcome.accuracy) for outcome in outcomes)
+        line = axes.plot(*zip(*points), label=metric)[0]
+        marks = calibrated.get(metric, {})
+        axes.scatter(
+            [outcome.mean_layers for outcome in marks.values()],
+            [100 * outcome.accuracy for outcome in marks.values()],
+            color=line.get_color(),
+            zorder=3,
+        )
+    axes.set_xlabel(f"average layers per token (of {num_layers})")
+    axes.set_ylabel("agreement with the full model (%)")
+    axes.grid(alpha=0.3)
+    speedup = axes.secondary_xaxis("top", functions=(lambda x: num_layers / x, lambda s: num_layers / s))
+    speedup.set_xlabel("implied speedup (layers only)")
+    axes.set_title(title, fontsize=10)
+    axes.legend(fontsize=8, title="dots: calibrated levels", title_fontsize=8)
+    return _save(figure, path)
+
+
+def plot_exit_histograms(outcomes: dict[float, PolicyOutcome], exit_layers: list[int], path: str | os.PathLike, title: str) -> Path:
+    """For each accuracy level, the share of tokens leaving at each exit (and at full depth), as grouped bars."""
+    figure, axes = _figure()
+    labels = [str(layer) for layer in exit_layers] + ["full"]
+    width = 0.8 / max(len(outcomes), 1)
+    for index, (level, outcome) in enumerate(sorted(outcomes.items())):
+        total = max(sum(outcome.exit_counts), 1)
+        positions = [slot + index * width for slot in range(len(labels))]
+        axes.bar(positions, [100 * count / total for count in outcome.exit_counts], width, label=f"level {level:g}")
+    axes.set_xticks([slot + 0.4 - width / 2 for slot in range(len(labels))], labels)
+    axes.set_xlabel("exit after layer")
+    axes.set_ylabel("tokens leaving there (%)")
+    axes.set_title(title, fontsize=10)
+    axes.legend(fontsize=8)
+    return _save(figure, path)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -66,6 +68,10 @@ def test_only_head_weights_are_saved(tmp_path):
     assert config["base_model_name_or_path"] == str(tmp_path / "base")
     assert (config["base_hidden_size"], config["base_num_hidden_layers"], config["base_vocab_size"]) == (32, 4, VOCAB)
     assert f"base_model: {tmp_path / 'base'}" in (tmp_path / "heads" / "README.md").read_text()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in (tmp_path / "heads").iterdir():  # readable like any other saved file, not private to the saver
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path.name
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint_untouched(tmp_path, monkeypatch):
@@ -177,7 +183,8 @@ class _RecordingHub:
         return type("RepoUrl", (), {"repo_id": repo_id})()
 
     def upload_folder(self, repo_id, folder_path, allow_patterns, **kwargs):
-        files = sorted(path.name for path in Path(folder_path).iterdir() if path.name in allow_patterns)
+        paths = (path.relative_to(folder_path).as_posix() for path in Path(folder_path).rglob("*") if path.is_file())
+        files = sorted(path for path in paths if any(fnmatch.fnmatch(path, pattern) for pattern in allow_patterns))
         self.calls.append(("upload_folder", repo_id, files, kwargs["commit_message"]))
         return type("CommitInfo", (), {"commit_url": f"https://hub.invalid/{repo_id}/commit/1"})()
 
@@ -202,3 +209,11 @@ def test_push_uploads_only_the_head_files_of_the_saved_folder(tmp_path, monkeypa
     ]
     assert model.push_to_hub("me/heads", commit_message="v2") == "https://hub.invalid/me/heads/commit/1"
     assert _RecordingHub.calls[-1][-1] == "v2"
+
+    # Heads tuned jointly with a LoRA on the base push that adapter too, since they only work with it.
+    from peft import LoraConfig, get_peft_model
+
+    joint = early_exit.add_exit_heads(get_peft_model(_saved_base(tmp_path), LoraConfig(target_modules=["q_proj"])), [2])
+    joint.push_to_hub("me/joint")
+    uploaded = _RecordingHub.calls[-1][2]
+    assert {"base_adapter/adapter_config.json", "base_adapter/adapter_model.safetensors", WEIGHTS_NAME} <= set(uploaded)

@@ -62,3 +62,21 @@ def test_train_writes_a_heads_folder_that_loads_and_records_its_training(tmp_pat
         layer: pytest.approx(float(after) / 100, abs=6e-4) for layer, _, after, _ in rows
     }
     assert "## Training" in (output / "README.md").read_text()
+
+
+@pytest.mark.skipif(not STORIES260K.is_dir(), reason="shared/models/stories260k is not beside the checkout")
+def test_calibrate_stores_a_table_that_verify_measures_on_held_out_text(tmp_path, capsys):
+    heads = tmp_path / "heads"
+    early_exit.add_exit_heads(AutoModelForCausalLM.from_pretrained(STORIES260K), [2, 3, 4]).save_pretrained(heads)
+    sizes = ["--tokens", "3000", "--block-size", "128", "--generation-tokens", "8"]
+    main(["calibrate", "--heads", str(heads), "--levels", "0.6", "0.8", "--report", str(tmp_path / "cal.md"), *sizes])
+    printed = capsys.readouterr().out
+    assert re.search(r"^\| entropy \| [\d.]+, [\d.]+, [\d.]+ \|", printed, flags=re.MULTILINE)
+    config = AutoModelForCausalLM.from_pretrained(heads).config
+    assert set(config.calibration["tables"]) == {"entropy", "max_prob", "margin"}
+    assert config.calibration["default_metric"] in config.calibration["tables"]
+    assert (tmp_path / "cal.png").is_file() and (tmp_path / "cal-exits.png").is_file()
+    main(["verify-calibration", "--heads", str(heads), *sizes])
+    rows = re.findall(r"^(\w+)\s+([\d.]+)\s+([\d.]+)%\s+([\d.]+)\s+(yes|NO)$", capsys.readouterr().out, re.MULTILINE)
+    assert len(rows) == 6
+    assert all(float(agreement) >= 100 * float(level) for _, level, agreement, _, _ in rows)

@@ -220,3 +220,14 @@ def test_the_collator_pads_ragged_blocks_on_the_right():
     )
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 5, 5]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_mixed_precision_reaches_heads_trained_from_the_cache(tmp_path):
+    """Accelerate's autocast wraps the model's forward only; the cached path calls the heads itself."""
+    model = early_exit.add_exit_heads(tiny_model("llama"), [2])
+    trainer = EarlyExitTrainer(
+        model, _args(tmp_path, bf16=True, cache_hidden_states=True), train_dataset=_blocks(0, 2, length=8)
+    )
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    exit_logits, _, teacher_logits = trainer._logits(trainer.model, batch)
+    assert exit_logits[0].dtype == teacher_logits.dtype == torch.bfloat16

@@ -147,6 +147,14 @@ class EarlyExitTrainer(Trainer):
         self, model: nn.Module, inputs: dict[str, torch.Tensor]
     ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         """(exit logits, the model's final logits, the teacher's logits) for a batch of tokens or cached states."""
+        # Accelerate applies mixed precision by wrapping the model's forward; heads and the base called directly
+        # below would run in full precision without this.
+        with self.accelerator.autocast():
+            return self._logits_in_precision(model, inputs)
+
+    def _logits_in_precision(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor]
+    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         inner: EarlyExitForCausalLM = self.accelerator.unwrap_model(model)
         if "exit_hidden_states" in inputs:
             states = inputs["exit_hidden_states"].to(inner.dtype)
@@ -231,7 +239,7 @@ class EarlyExitTrainer(Trainer):
         loss_sum = torch.zeros((), dtype=torch.float64)
         for inputs in self.get_eval_dataloader(dataset):
             inputs = self._prepare_inputs(inputs)
-            with torch.no_grad(), self.autocast_smart_context_manager():
+            with torch.no_grad():
                 exit_logits, final_logits, teacher_logits = self._logits(self.model, inputs)
                 mask = inputs["attention_mask"].bool()
                 exits.add(exit_logits, final_logits, mask)

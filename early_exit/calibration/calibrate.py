@@ -1,0 +1,200 @@
+"""Choosing exit thresholds so that the early-exit policy keeps a stated agreement with the full model.
+
+The policy being calibrated is the one decoding runs: a token leaves at the first exit whose confidence reaches
+that exit's threshold, and otherwise runs to full depth (where it agrees with the full model by definition). Its
+accuracy is the share of tokens whose emitted token equals the full model's on the same prefix.
+
+Candidate policies form a one-parameter family: for a per-exit precision p, each exit in turn (on the tokens the
+earlier exits let through) takes the loosest threshold whose emitted tokens agree at rate at least p. Lowering p
+lets more tokens out earlier. Two ways to pick p for an accuracy level:
+
+- "ltt" (Learn then Test, Angelopoulos et al. 2021): the family is built on one half of the calibration data, and
+  p is lowered step by step on the other half while a binomial test rejects "disagreement > 1 - level" at
+  significance delta (fixed-sequence testing). With probability at least 1 - delta over the calibration data, the
+  chosen policy's disagreement rate is at most 1 - level (for tokens exchangeable with the calibration tokens).
+- "empirical": the loosest p whose measured accuracy on all calibration data is at least the level.
+
+A budget mode picks instead the most accurate policy of the family whose average depth is within a target.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..errors import EarlyExitError
+from .scores import ExitScores
+
+DEFAULT_LEVELS = (0.80, 0.90, 0.95, 0.99)
+METHODS = ("ltt", "empirical")
+#: Per-exit precisions tried, strictest first (the order fixed-sequence testing needs).
+PRECISION_GRID = torch.linspace(1.0, 0.0, 201)
+
+
+class CalibrationError(EarlyExitError, ValueError):
+    """Calibration cannot give what was asked (too little data, or a level or budget out of reach)."""
+
+
+@dataclass
+class PolicyOutcome:
+    """How a set of thresholds behaves on a set of tokens.
+
+    Attributes:
+        thresholds: per exit; a token leaves at the first exit whose score reaches its threshold.
+        accuracy: share of tokens whose emitted token is the full model's.
+        mean_layers: average number of layers run per token.
+        exit_counts: tokens leaving at each exit, then those running to full depth.
+    """
+
+    thresholds: list[float]
+    accuracy: float
+    mean_layers: float
+    exit_counts: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """JSON-ready (infinite thresholds, meaning "never exit here", become None)."""
+        values = asdict(self)
+        values["thresholds"] = [None if math.isinf(value) else value for value in self.thresholds]
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "PolicyOutcome":
+        """The inverse of `to_dict`."""
+        thresholds = [math.inf if value is None else float(value) for value in values["thresholds"]]
+        return cls(thresholds, values["accuracy"], values["mean_layers"], list(values.get("exit_counts", [])))
+
+
+def exit_positions(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """For each token (row of `scores`, one column per exit), the index of the exit it leaves at; the number of
+    exits means it runs to full depth."""
+    passes = scores >= thresholds.to(scores)
+    first = passes.int().argmax(dim=1)
+    return torch.where(passes.any(dim=1), first, torch.full_like(first, scores.shape[1]))
+
+
+def evaluate_policy(
+    scores: torch.Tensor, correct: torch.Tensor, thresholds: torch.Tensor, exit_layers: list[int], num_layers: int
+) -> PolicyOutcome:
+    """Accuracy, average depth and exit counts of the cascade with `thresholds` on these tokens."""
+    where = exit_positions(scores, thresholds)
+    padded = torch.cat([correct, torch.ones_like(correct[:, :1])], dim=1)  # full depth always agrees
+    agrees = padded.gather(1, where[:, None]).squeeze(1)
+    layers = torch.tensor([*exit_layers, num_layers], dtype=torch.float64)
+    tokens = max(scores.shape[0], 1)
+    return PolicyOutcome(
+        [float(value) for value in thresholds],
+        float(agrees.sum()) / tokens,
+        float(layers[where].sum()) / tokens,
+        torch.bincount(where, minlength=len(exit_layers) + 1).tolist(),
+    )
+
+
+def threshold_family(scores: torch.Tensor, correct: torch.Tensor, precisions: torch.Tensor = PRECISION_GRID) -> torch.Tensor:
+    """(precisions, exits) thresholds: for each per-exit precision p, the cascade where each exit, on the tokens
+    that earlier exits let through, takes the loosest threshold whose emitted tokens agree at rate >= p."""
+    family = torch.full((len(precisions), scores.shape[1]), math.inf)
+    for row, precision in enumerate(precisions.tolist()):
+        remaining = torch.ones(scores.shape[0], dtype=torch.bool)
+        for column in range(scores.shape[1]):
+            values, hits = scores[remaining, column], correct[remaining, column]
+            if values.numel() == 0:
+                break
+            order = values.argsort(descending=True)
+            running = hits[order].double().cumsum(0) / torch.arange(1, len(order) + 1)
+            passing = (running >= precision - 1e-12).nonzero()
+            if len(passing):
+                family[row, column] = values[order[passing[-1, 0]]]
+                remaining &= scores[:, column] < family[row, column]
+    return family
+
+
+def binomial_cdf(successes: int, trials: int, probability: float) -> float:
+    """P(X <= successes) for X ~ Binomial(trials, probability), summed in log space (exact, no SciPy)."""
+    if successes >= trials:
+        return 1.0
+    k = torch.arange(successes + 1, dtype=torch.float64)
+    n = torch.tensor(float(trials), dtype=torch.float64)
+    log_pmf = (
+        torch.lgamma(n + 1)
+        - torch.lgamma(k + 1)
+        - torch.lgamma(n - k + 1)
+        + k * math.log(probability)
+        + (n - k) * math.log1p(-probability)
+    )
+    return float(torch.logsumexp(log_pmf, 0).exp().clamp(max=1.0))
+
+
+def minimum_tokens(level: float, delta: float) -> int:
+    """Fewest test tokens with which a policy making no error at all can be certified at `level` with confidence
+    1 - delta: level ** n <= delta."""
+    return math.ceil(math.log(delta) / math.log(level))
+
+
+def _check_level(level: float, delta: float) -> None:
+    if not 0.0 < level < 1.0:
+        raise CalibrationError(f"Accuracy level {level} is outside (0, 1); use e.g. 0.9 for 90% agreement.")
+    if not 0.0 < delta < 1.0:
+        raise CalibrationError(f"delta {delta} is outside (0, 1); it is the allowed chance that the guarantee fails.")
+
+
+def calibrate_level(
+    scores: ExitScores, metric: str, level: float, method: str = "ltt", delta: float = 0.1
+) -> PolicyOutcome:
+    """Thresholds for one metric and accuracy level; the outcome reported is measured on all the tokens given.
+
+    Raises:
+        CalibrationError: the level or delta is outside (0, 1), or (method "ltt") the test half has fewer tokens
+            than `minimum_tokens(level, delta)`: the message says how many are needed.
+        ValueError: an unknown method.
+    """
+    _check_level(level, delta)
+    if method not in METHODS:
+        raise ValueError(f"Unknown calibration method {method!r}; use one of {METHODS}.")
+    values, correct = scores.scores[metric], scores.correct
+    if method == "empirical":
+        family = threshold_family(values, correct)
+        outcomes = [evaluate_policy(values, correct, row, scores.exit_layers, scores.num_layers) for row in family]
+        chosen = next((row for row, outcome in zip(family.flip(0), outcomes[::-1]) if outcome.accuracy >= level), None)
+    else:
+        select = scores.groups % 2 == 0
+        test = ~select
+        needed = minimum_tokens(level, delta)
+        if int(test.sum()) < needed:
+            raise CalibrationError(
+                f"Too little calibration data for level {level} at delta {delta}: the test half has "
+                f"{int(test.sum())} tokens, and certifying even an error-free policy needs at least {needed} "
+                f"(about {2 * needed} tokens in all). Calibrate on more text, or ask for a lower level or a larger delta."
+            )
+        family = threshold_family(values[select], correct[select])
+        chosen = None
+        for row in family:  # strictest first; stop at the first policy the test cannot certify
+            outcome = evaluate_policy(values[test], correct[test], row, scores.exit_layers, scores.num_layers)
+            errors = round((1.0 - outcome.accuracy) * int(test.sum()))
+            if binomial_cdf(errors, int(test.sum()), 1.0 - level) > delta:
+                break
+            chosen = row
+    if chosen is None:  # nothing certified: never exit early
+        chosen = torch.full((len(scores.exit_layers),), math.inf)
+    return evaluate_policy(values, correct, chosen, scores.exit_layers, scores.num_layers)
+
+
+def calibrate_budget(scores: ExitScores, metric: str, mean_layers: float) -> PolicyOutcome:
+    """The most accurate policy of the family whose average depth on these tokens is at most `mean_layers`.
+
+    Raises:
+        CalibrationError: no policy of the family is that shallow (the message gives the shallowest reachable).
+    """
+    values, correct = scores.scores[metric], scores.correct
+    outcomes = [
+        evaluate_policy(values, correct, row, scores.exit_layers, scores.num_layers) for row in threshold_family(values, correct)
+    ]
+    within = [outcome for outcome in outcomes if outcome.mean_layers <= mean_layers]
+    if not within:
+        shallowest = min(outcome.mean_layers for outcome in outcomes)
+        raise CalibrationError(
+            f"No thresholds reach an average of {mean_layers} layers with these exits; the shallowest policy averages "
+            f"{shallowest:.2f} of {scores.num_layers} layers."
+        )
+    return max(within, key=lambda outcome: (outcome.accuracy, -outcome.mean_layers))

@@ -1,0 +1,110 @@
+"""The calibration table: accuracy levels to per-exit thresholds, kept in the heads' config and chosen at run time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..configuration_early_exit import EarlyExitConfig
+from .calibrate import DEFAULT_LEVELS, CalibrationError, PolicyOutcome, calibrate_level
+from .scores import ExitScores
+
+
+@dataclass
+class CalibrationTable:
+    """Thresholds of one confidence metric for several accuracy levels, and what they were calibrated on.
+
+    Attributes:
+        metric: the confidence metric's registry name.
+        method: "ltt" (with a finite-sample guarantee at `delta`) or "empirical".
+        delta: the allowed probability that the guarantee fails ("ltt" only).
+        tokens: calibration tokens used; `data_hash` identifies them.
+        base_model_revision: the base model revision the heads were calibrated with.
+        exit_layers: the exits the thresholds belong to, in order.
+        levels: accuracy level -> thresholds and their outcome on the calibration tokens.
+    """
+
+    metric: str
+    method: str
+    delta: float | None
+    tokens: int
+    data_hash: str
+    base_model_revision: str | None
+    exit_layers: list[int]
+    levels: dict[float, PolicyOutcome] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """JSON-ready form, as stored in `EarlyExitConfig.calibration`."""
+        values = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "levels"}
+        values["levels"] = {f"{level:g}": outcome.to_dict() for level, outcome in sorted(self.levels.items())}
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "CalibrationTable":
+        """The inverse of `to_dict`."""
+        fields = {name: values[name] for name in cls.__dataclass_fields__ if name != "levels"}
+        levels = {float(level): PolicyOutcome.from_dict(outcome) for level, outcome in values["levels"].items()}
+        return cls(**fields, levels=levels)
+
+
+def calibrate_table(
+    scores: ExitScores,
+    metric: str,
+    levels: tuple[float, ...] = DEFAULT_LEVELS,
+    method: str = "ltt",
+    delta: float = 0.1,
+    base_model_revision: str | None = None,
+) -> CalibrationTable:
+    """Calibrate `metric`'s thresholds for every level in `levels` (see `calibrate_level`)."""
+    table = CalibrationTable(
+        metric, method, delta if method == "ltt" else None, scores.num_tokens, scores.data_hash, base_model_revision,
+        list(scores.exit_layers),
+    )
+    for level in levels:
+        table.levels[float(level)] = calibrate_level(scores, metric, level, method, delta)
+    return table
+
+
+def store_calibration(config: EarlyExitConfig, tables: list[CalibrationTable], default_metric: str) -> None:
+    """Write `tables` into `config.calibration` (replacing earlier tables of the same metrics)."""
+    stored = dict(config.calibration or {})
+    stored.setdefault("tables", {})
+    stored["tables"] = {**stored["tables"], **{table.metric: table.to_dict() for table in tables}}
+    stored["default_metric"] = default_metric
+    config.calibration = stored
+
+
+def select_thresholds(config: EarlyExitConfig, level: float, metric: str | None = None) -> tuple[str, list[float]]:
+    """The metric and per-exit thresholds to run at accuracy `level`.
+
+    An uncalibrated level takes the thresholds of the nearest stricter calibrated level, which keeps at least the
+    accuracy asked for.
+
+    Raises:
+        CalibrationError: the heads are not calibrated (for `metric`), the level is outside (0, 1), or it is stricter
+            than every calibrated level.
+    """
+    if not 0.0 < level < 1.0:
+        raise CalibrationError(f"Accuracy level {level} is outside (0, 1); use e.g. 0.9 for 90% agreement.")
+    stored = config.calibration or {}
+    tables = stored.get("tables", {})
+    if not tables:
+        raise CalibrationError(
+            "These heads are not calibrated: run `early-exit calibrate --heads <folder>` (or "
+            "early_exit.calibration.calibrate_table) first."
+        )
+    metric = metric or stored.get("default_metric")
+    if metric not in tables:
+        raise CalibrationError(f"No calibration for metric {metric!r}; calibrated metrics: {', '.join(sorted(tables))}.")
+    table = CalibrationTable.from_dict(tables[metric])
+    if table.exit_layers != list(config.exit_layers):
+        raise CalibrationError(
+            f"The {metric} calibration was made for exits {table.exit_layers}, but the heads sit at "
+            f"{list(config.exit_layers)}: calibrate again."
+        )
+    stricter = sorted(candidate for candidate in table.levels if candidate >= level - 1e-12)
+    if not stricter:
+        raise CalibrationError(
+            f"Level {level} is stricter than every calibrated level ({', '.join(f'{x:g}' for x in sorted(table.levels))}); "
+            "calibrate for it with `early-exit calibrate --levels ...`."
+        )
+    return metric, table.levels[stricter[0]].thresholds

@@ -1,0 +1,182 @@
+"""Calibration: the cascade policy, the Learn-then-Test guarantee, budgets, the config's table, and clear errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tiny_models import VOCAB, tiny_model
+from transformers import AutoModelForCausalLM
+
+import early_exit
+from early_exit.calibration import (
+    CalibrationError,
+    ExitScores,
+    binomial_cdf,
+    calibrate_budget,
+    calibrate_level,
+    calibrate_table,
+    collect_exit_scores,
+    evaluate_policy,
+    exit_positions,
+    minimum_tokens,
+    select_thresholds,
+    store_calibration,
+)
+from early_exit.confidence import CONFIDENCE_METRICS, register_confidence_metric
+from early_exit.data.corpus import TokenBlocks
+from early_exit.training import EarlyExitTrainer, EarlyExitTrainingArguments
+
+
+def _synthetic(seed: int, tokens: int, exits: int = 2, sharpness: float = 4.0) -> ExitScores:
+    """Scores in [0, 1]; an exit agrees with the full model with probability rising with its score (and depth)."""
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.rand(tokens, exits, generator=generator)
+    depth_bonus = torch.linspace(0.0, 1.0, exits)
+    agree_probability = torch.sigmoid(sharpness * (scores - 0.5) + depth_bonus)
+    correct = torch.rand(tokens, exits, generator=generator) < agree_probability
+    layers = [2 * (index + 1) for index in range(exits)]
+    return ExitScores(layers, 2 * exits + 2, {"score": scores}, correct, torch.arange(tokens))
+
+
+def test_the_cascade_leaves_at_the_first_exit_that_passes():
+    scores = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.1, 0.1]])
+    correct = torch.tensor([[True, False], [False, False], [False, True]])
+    thresholds = torch.tensor([0.5, 0.5])
+    assert exit_positions(scores, thresholds).tolist() == [0, 1, 2]
+    outcome = evaluate_policy(scores, correct, thresholds, [3, 6], 10)
+    assert outcome.accuracy == pytest.approx(2 / 3)  # right, wrong, full depth (right by definition)
+    assert outcome.mean_layers == pytest.approx((3 + 6 + 10) / 3)
+    assert outcome.exit_counts == [1, 1, 1]
+
+
+@pytest.mark.parametrize(("k", "n", "p"), [(0, 10, 0.1), (3, 10, 0.1), (7, 20, 0.5), (40, 400, 0.05)])
+def test_binomial_cdf_is_exact(k, n, p):
+    expected = sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k + 1))
+    assert binomial_cdf(k, n, p) == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("method", ["ltt", "empirical"])
+def test_each_level_is_kept_on_the_calibration_data_and_stricter_levels_go_deeper(method):
+    scores = _synthetic(0, 6000, exits=3)
+    outcomes = [calibrate_level(scores, "score", level, method) for level in (0.8, 0.9, 0.95, 0.99)]
+    for level, outcome in zip((0.8, 0.9, 0.95, 0.99), outcomes):
+        assert outcome.accuracy >= level
+    depths = [outcome.mean_layers for outcome in outcomes]
+    assert depths == sorted(depths) and depths[0] < scores.num_layers  # some tokens do leave early
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    level=st.sampled_from([0.8, 0.9, 0.95]),
+    sharpness=st.floats(1.0, 8.0),
+    delta=st.sampled_from([0.05, 0.1, 0.2]),
+)
+def test_the_learn_then_test_guarantee_holds_in_at_least_1_minus_delta_of_resamplings(seed, level, sharpness, delta):
+    """Calibrate on many independent small samples; judge each chosen policy on a large fresh sample from the same
+    distribution (its true disagreement, to within a fraction of a point)."""
+    population = _synthetic(seed, 200_000, sharpness=sharpness)
+    resamplings, violations = 40, 0
+    for index in range(resamplings):
+        sample = _synthetic(seed * 1000 + index + 1, 600, sharpness=sharpness)
+        outcome = calibrate_level(sample, "score", level, "ltt", delta)
+        true = evaluate_policy(
+            population.scores["score"], population.correct, torch.tensor(outcome.thresholds), [2, 4], 6
+        )
+        violations += true.accuracy < level
+    assert violations <= delta * resamplings
+
+
+def test_budget_mode_finds_the_most_accurate_policy_within_the_depth():
+    scores = _synthetic(1, 4000, exits=3)
+    outcome = calibrate_budget(scores, "score", mean_layers=5.0)
+    assert outcome.mean_layers <= 5.0
+    deeper = calibrate_budget(scores, "score", mean_layers=7.0)
+    assert deeper.accuracy >= outcome.accuracy
+    with pytest.raises(CalibrationError, match="shallowest policy averages"):
+        calibrate_budget(scores, "score", mean_layers=0.5)
+
+
+def test_bad_requests_are_named():
+    scores = _synthetic(2, 60)
+    needed = minimum_tokens(0.99, 0.1)
+    assert needed == 230 and 0.99**needed <= 0.1 < 0.99 ** (needed - 1)
+    with pytest.raises(CalibrationError, match=f"needs at least {needed}"):
+        calibrate_level(scores, "score", 0.99, "ltt", 0.1)
+    for level in (0.0, 1.0, 1.5):
+        with pytest.raises(CalibrationError, match="outside \\(0, 1\\)"):
+            calibrate_level(scores, "score", level)
+    with pytest.raises(ValueError, match="method"):
+        calibrate_level(scores, "score", 0.8, "bayes")
+
+
+def _trained_tiny_model(tmp_path):
+    model = early_exit.add_exit_heads(tiny_model("llama", initializer_range=0.3), [1, 2, 3])
+    generator = torch.Generator().manual_seed(0)
+    blocks = TokenBlocks([torch.randint(0, VOCAB, (32,), generator=generator).tolist() for _ in range(48)])
+    args = EarlyExitTrainingArguments(
+        str(tmp_path / "trainer"), num_train_epochs=8, learning_rate=1e-2, per_device_train_batch_size=8,
+        save_strategy="no", use_cpu=True, report_to="none", disable_tqdm=True,
+    )
+    EarlyExitTrainer(model, args, train_dataset=blocks).train()
+    return model.eval()
+
+
+def _random_blocks(seed, count):
+    generator = torch.Generator().manual_seed(seed)
+    return TokenBlocks([torch.randint(0, VOCAB, (32,), generator=generator).tolist() for _ in range(count)])
+
+
+def test_thresholds_keep_their_level_on_held_out_text_for_a_trained_tiny_model(tmp_path):
+    model = _trained_tiny_model(tmp_path)
+    metrics = ["entropy", "max_prob", "margin", "saturation"]
+    calibration = collect_exit_scores(model, _random_blocks(1, 96), metrics, batch_size=8)
+    held_out = collect_exit_scores(model, _random_blocks(2, 96), metrics, batch_size=8)
+    assert calibration.data_hash != held_out.data_hash
+    for metric in metrics:
+        table = calibrate_table(calibration, metric, (0.6, 0.8, 0.9))
+        for level, outcome in table.levels.items():
+            measured = evaluate_policy(
+                held_out.scores[metric], held_out.correct, torch.tensor(outcome.thresholds), model.exit_layers, 4
+            )
+            assert measured.accuracy >= level, (metric, level)
+        if metric != "saturation":  # state similarity says little in a random model; the others must pay off
+            assert table.levels[0.6].mean_layers < 4, metric
+
+
+def test_a_user_metric_calibrates_saves_and_loads_with_the_heads(tmp_path):
+    @register_confidence_metric("test_logit_gap")
+    def logit_gap(logits, hidden, previous_hidden):
+        top = logits.float().topk(2, dim=-1).values
+        return top[..., 0] - top[..., 1]
+
+    try:
+        tiny_model("llama", initializer_range=0.3).save_pretrained(tmp_path / "base")
+        model = early_exit.add_exit_heads(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), [1, 2, 3])
+        scores = collect_exit_scores(model, _random_blocks(1, 64), ["test_logit_gap", "entropy"], batch_size=8)
+        tables = [calibrate_table(scores, name, (0.7, 0.9)) for name in ("test_logit_gap", "entropy")]
+        store_calibration(model.config, tables, default_metric="test_logit_gap")
+        model.save_pretrained(tmp_path / "heads")
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / "heads")
+        metric, thresholds = select_thresholds(again.config, 0.85)  # the next stricter level: 0.9
+        assert metric == "test_logit_gap"
+        assert thresholds == tables[0].levels[0.9].thresholds
+        assert select_thresholds(again.config, 0.7, "entropy")[1] == tables[1].levels[0.7].thresholds
+        with pytest.raises(CalibrationError, match="stricter than every calibrated level"):
+            select_thresholds(again.config, 0.95)
+        with pytest.raises(CalibrationError, match="calibrated metrics: entropy, test_logit_gap"):
+            select_thresholds(again.config, 0.9, "margin")
+    finally:
+        del CONFIDENCE_METRICS["test_logit_gap"]
+
+
+def test_uncalibrated_heads_say_how_to_calibrate():
+    model = early_exit.add_exit_heads(tiny_model("llama"), [2])
+    with pytest.raises(CalibrationError, match="early-exit calibrate"):
+        select_thresholds(model.config, 0.9)
+    with pytest.raises(CalibrationError, match="outside"):
+        select_thresholds(model.config, 1.2)
