@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install agreement info test heads heads-report
+.PHONY: install agreement info test heads heads-report calibration
 
 HEADS := adapters/SmolLM2-135M-Instruct-exits
 
@@ -32,6 +32,12 @@ heads: $(STAMP)
 
 heads-report: $(STAMP)
 	$(BIN)/early-exit report --heads $(HEADS) --output docs/heads-smollm2-135m.md --eval-tokens 16000 --bf16
+
+# Calibrate the shipped heads (entropy, max-prob, margin at 0.8/0.9/0.95/0.99, Learn then Test at delta 0.01), then
+# measure every level on held-out text.
+calibration: $(STAMP)
+	$(BIN)/early-exit calibrate --heads $(HEADS) --delta 0.01 --report docs/calibration-smollm2-135m.md
+	$(BIN)/early-exit verify-calibration --heads $(HEADS)
 
 info: $(STAMP)
 	$(BIN)/early-exit info

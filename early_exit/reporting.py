@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
+import numpy
 from tqdm.auto import tqdm
 
 from .calibration import PolicyOutcome
@@ -122,7 +123,10 @@ def plot_accuracy_against_depth(
     axes.set_xlabel(f"average layers per token (of {num_layers})")
     axes.set_ylabel("agreement with the full model (%)")
     axes.grid(alpha=0.3)
-    speedup = axes.secondary_xaxis("top", functions=(lambda x: num_layers / x, lambda s: num_layers / s))
+    def invert(values):  # layers <-> speedup, safe at 0 where matplotlib probes the axis ends
+        return num_layers / numpy.clip(values, 1e-6, None)
+
+    speedup = axes.secondary_xaxis("top", functions=(invert, invert))
     speedup.set_xlabel("implied speedup (layers only)")
     axes.set_title(title, fontsize=10)
     axes.legend(fontsize=8, title="dots: calibrated levels", title_fontsize=8)
