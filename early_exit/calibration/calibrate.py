@@ -139,10 +139,25 @@ def _check_level(level: float, delta: float) -> None:
         raise CalibrationError(f"delta {delta} is outside (0, 1); it is the allowed chance that the guarantee fails.")
 
 
+def candidate_thresholds(scores: ExitScores, metric: str, method: str = "ltt") -> torch.Tensor:
+    """The threshold family `calibrate_level` chooses from: built on all tokens ("empirical") or on the selection
+    half ("ltt", even-numbered groups), so that it can be computed once and shared by several levels."""
+    if method not in METHODS:
+        raise ValueError(f"Unknown calibration method {method!r}; use one of {METHODS}.")
+    keep = torch.ones_like(scores.groups, dtype=torch.bool) if method == "empirical" else scores.groups % 2 == 0
+    return threshold_family(scores.scores[metric][keep], scores.correct[keep])
+
+
 def calibrate_level(
-    scores: ExitScores, metric: str, level: float, method: str = "ltt", delta: float = 0.1
+    scores: ExitScores,
+    metric: str,
+    level: float,
+    method: str = "ltt",
+    delta: float = 0.1,
+    family: torch.Tensor | None = None,
 ) -> PolicyOutcome:
     """Thresholds for one metric and accuracy level; the outcome reported is measured on all the tokens given.
+    `family` is `candidate_thresholds(scores, metric, method)`, computed here when not given.
 
     Raises:
         CalibrationError: the level or delta is outside (0, 1), or (method "ltt") the test half has fewer tokens
@@ -153,22 +168,22 @@ def calibrate_level(
     if method not in METHODS:
         raise ValueError(f"Unknown calibration method {method!r}; use one of {METHODS}.")
     values, correct = scores.scores[metric], scores.correct
-    if method == "empirical":
-        family = threshold_family(values, correct)
-        outcomes = [evaluate_policy(values, correct, row, scores.exit_layers, scores.num_layers) for row in family]
-        chosen = next((row for row, outcome in zip(family.flip(0), outcomes[::-1]) if outcome.accuracy >= level), None)
-    else:
-        select = scores.groups % 2 == 0
-        test = ~select
+    test = scores.groups % 2 == 1
+    if method == "ltt" and int(test.sum()) < minimum_tokens(level, delta):
         needed = minimum_tokens(level, delta)
-        if int(test.sum()) < needed:
-            raise CalibrationError(
-                f"Too little calibration data for level {level} at delta {delta}: the test half has "
-                f"{int(test.sum())} tokens, and certifying even an error-free policy needs at least {needed} "
-                f"(about {2 * needed} tokens in all). Calibrate on more text, or ask for a lower level or a larger delta."
-            )
-        family = threshold_family(values[select], correct[select])
-        chosen = None
+        raise CalibrationError(
+            f"Too little calibration data for level {level} at delta {delta}: the test half has "
+            f"{int(test.sum())} tokens, and certifying even an error-free policy needs at least {needed} "
+            f"(about {2 * needed} tokens in all). Calibrate on more text, or ask for a lower level or a larger delta."
+        )
+    family = family if family is not None else candidate_thresholds(scores, metric, method)
+    chosen = None
+    if method == "empirical":
+        for row in family.flip(0):  # loosest first: the first that keeps the level
+            if evaluate_policy(values, correct, row, scores.exit_layers, scores.num_layers).accuracy >= level:
+                chosen = row
+                break
+    else:
         for row in family:  # strictest first; stop at the first policy the test cannot certify
             outcome = evaluate_policy(values[test], correct[test], row, scores.exit_layers, scores.num_layers)
             errors = round((1.0 - outcome.accuracy) * int(test.sum()))

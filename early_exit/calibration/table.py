@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..configuration_early_exit import EarlyExitConfig
-from .calibrate import DEFAULT_LEVELS, CalibrationError, PolicyOutcome, calibrate_level
+from .calibrate import DEFAULT_LEVELS, CalibrationError, PolicyOutcome, calibrate_level, candidate_thresholds
 from .scores import ExitScores
 
 
@@ -59,8 +59,9 @@ def calibrate_table(
         metric, method, delta if method == "ltt" else None, scores.num_tokens, scores.data_hash, base_model_revision,
         list(scores.exit_layers),
     )
+    family = candidate_thresholds(scores, metric, method)
     for level in levels:
-        table.levels[float(level)] = calibrate_level(scores, metric, level, method, delta)
+        table.levels[float(level)] = calibrate_level(scores, metric, level, method, delta, family)
     return table
 
 
