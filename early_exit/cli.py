@@ -237,7 +237,7 @@ def report(args: argparse.Namespace) -> None:
 def calibrate(args: argparse.Namespace) -> None:
     """Calibrate a heads folder's thresholds on the calibration split for each metric and level, store the table in
     the folder's config, and write a report with plots."""
-    from .calibration import calibrate_table, collect_exit_scores, evaluate_policy, store_calibration, threshold_family
+    from .calibration import calibrate_table, collect_exit_scores, policy_curve, store_calibration
     from .data.corpus import distillation_corpus
     from .reporting import plot_accuracy_against_depth, plot_exit_histograms
 
@@ -272,13 +272,7 @@ def calibrate(args: argparse.Namespace) -> None:
     print(f"default metric (fewest layers at level {middle:g}): {best.metric}; thresholds stored in {args.heads}")
     if args.report:
         report = Path(args.report)
-        curves = {
-            table.metric: [
-                evaluate_policy(scores.scores[table.metric], scores.correct, row, model.exit_layers, num_layers)
-                for row in threshold_family(scores.scores[table.metric], scores.correct)
-            ]
-            for table in tables
-        }
+        curves = {table.metric: policy_curve(scores, table.metric) for table in tables}
         title = f"{config.base_model_name_or_path}: {scores.num_tokens} calibration tokens"
         curve_plot = plot_accuracy_against_depth(
             curves, {table.metric: table.levels for table in tables}, num_layers, report.with_suffix(".png"), title

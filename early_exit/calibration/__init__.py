@@ -12,6 +12,7 @@ from .calibrate import (
     evaluate_policy,
     exit_positions,
     minimum_tokens,
+    policy_curve,
     threshold_family,
 )
 from .scores import ExitScores, collect_exit_scores
@@ -33,6 +34,7 @@ __all__ = [
     "evaluate_policy",
     "exit_positions",
     "minimum_tokens",
+    "policy_curve",
     "select_thresholds",
     "store_calibration",
     "threshold_family",

@@ -195,16 +195,23 @@ def calibrate_level(
     return evaluate_policy(values, correct, chosen, scores.exit_layers, scores.num_layers)
 
 
+def policy_curve(scores: ExitScores, metric: str) -> list[PolicyOutcome]:
+    """Every policy of the family built on all these tokens, with its accuracy and depth on them: the trade-off
+    curve that budget mode chooses from and reports plot."""
+    values, correct = scores.scores[metric], scores.correct
+    return [
+        evaluate_policy(values, correct, row, scores.exit_layers, scores.num_layers)
+        for row in candidate_thresholds(scores, metric, "empirical")
+    ]
+
+
 def calibrate_budget(scores: ExitScores, metric: str, mean_layers: float) -> PolicyOutcome:
     """The most accurate policy of the family whose average depth on these tokens is at most `mean_layers`.
 
     Raises:
         CalibrationError: no policy of the family is that shallow (the message gives the shallowest reachable).
     """
-    values, correct = scores.scores[metric], scores.correct
-    outcomes = [
-        evaluate_policy(values, correct, row, scores.exit_layers, scores.num_layers) for row in threshold_family(values, correct)
-    ]
+    outcomes = policy_curve(scores, metric)
     within = [outcome for outcome in outcomes if outcome.mean_layers <= mean_layers]
     if not within:
         shallowest = min(outcome.mean_layers for outcome in outcomes)

@@ -73,7 +73,7 @@ class HiddenStateCache(Dataset):
         """
         dtype = dtype or model.dtype
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn)
-        batches = [batch for batch in loader]
+        batches = list(loader)
         width = max(batch["input_ids"].shape[1] for batch in batches)
         num_tokens = len(dataset) * width
         needed = estimate_cache_bytes(num_tokens, len(model.exit_layers), model.decoder.hidden_size, dtype)
