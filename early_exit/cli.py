@@ -15,6 +15,7 @@ from .data import format_prompt, load_prompts
 from .default_model import DEFAULT_MODEL_ID, load_base_model, load_base_tokenizer
 from .evaluation import measure_agreement
 from .modeling_early_exit import EarlyExitForCausalLM, add_exit_heads
+from .pruning import VocabPruningConfig
 
 
 def _exit_layer(text: str) -> int | float:
@@ -42,6 +43,22 @@ def _load(args: argparse.Namespace) -> EarlyExitForCausalLM:
         return EarlyExitForCausalLM.from_pretrained(args.heads)
     base = load_base_model(args.model)
     return add_exit_heads(base, args.exit_layers, head_type=args.head_type, adapter_size=args.adapter_size).eval()
+
+
+def _vocab_pruning(args: argparse.Namespace) -> VocabPruningConfig | None:
+    """The pruning asked for by --prune-top-k (one k, or a schedule) and --prune-at."""
+    if not args.prune_top_k:
+        return None
+    top_k = args.prune_top_k[0] if len(args.prune_top_k) == 1 else list(args.prune_top_k)
+    return VocabPruningConfig(top_k=top_k, prune_at=args.prune_at)
+
+
+def _add_pruning_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--prune-top-k", nargs="+", type=int, metavar="K",
+        help="dynamic vocabulary pruning: tokens kept at the pruning exit (several values: one per exit from there)",
+    )
+    parser.add_argument("--prune-at", type=int, help="exit layer that prunes (default: the first exit scored)")
 
 
 def _tokenizer(model: EarlyExitForCausalLM) -> PreTrainedTokenizerBase:
@@ -247,7 +264,8 @@ def calibrate(args: argparse.Namespace) -> None:
     dataset = distillation_corpus(
         model.base, tokenizer, "calibration", args.tokens, args.block_size, args.generation_tokens
     )
-    scores = collect_exit_scores(model, dataset, args.metrics, bf16=args.bf16)
+    pruning = _vocab_pruning(args)
+    scores = collect_exit_scores(model, dataset, args.metrics, bf16=args.bf16, vocab_pruning=pruning)
     tables = [
         calibrate_table(scores, metric, tuple(args.levels), args.method, args.delta, config.base_model_revision)
         for metric in tqdm(args.metrics, desc="calibrating", disable=None)
@@ -255,6 +273,9 @@ def calibrate(args: argparse.Namespace) -> None:
     middle = sorted(args.levels)[len(args.levels) // 2]
     best = min(tables, key=lambda table: table.levels[middle].mean_layers)
     store_calibration(config, tables, default_metric=best.metric)
+    if pruning is not None:
+        # Decoding prunes as calibrated unless told otherwise.
+        config.vocab_pruning = pruning.to_dict()
     model.save_pretrained(args.heads)
 
     num_layers = model.decoder.num_layers
@@ -267,7 +288,7 @@ def calibrate(args: argparse.Namespace) -> None:
         cells = [
             f"{100 * table.levels[level].accuracy:.1f}% / {table.levels[level].mean_layers:.1f}" for level in args.levels
         ]
-        lines.append(f"| {table.metric} | {separation} | " + " | ".join(cells) + " |")
+        lines.append(f"| {table.key} | {separation} | " + " | ".join(cells) + " |")
     print("\n".join(lines))
     print(f"default metric (fewest layers at level {middle:g}): {best.metric}; thresholds stored in {args.heads}")
     if args.report:
@@ -321,22 +342,28 @@ def verify_calibration(args: argparse.Namespace) -> None:
     dataset = distillation_corpus(
         model.base, _tokenizer(model), "eval", args.tokens, args.block_size, args.generation_tokens
     )
-    scores = collect_exit_scores(model, dataset, [table.metric for table in tables], bf16=args.bf16)
-    print(f"Held-out check: {scores.num_tokens} tokens of the eval split (data hash {scores.data_hash})")
-    print(f"{'metric':<12}{'level':>7}{'agreement':>11}{'layers':>8}  kept")
     failures = 0
-    for table in tables:
-        for level, outcome in sorted(table.levels.items()):
-            measured = evaluate_policy(
-                scores.scores[table.metric], scores.correct, torch.tensor(outcome.thresholds), model.exit_layers,
-                model.decoder.num_layers,
-            )
-            kept = measured.accuracy >= level
-            failures += not kept
-            print(
-                f"{table.metric:<12}{level:>7g}{100 * measured.accuracy:>10.2f}%{measured.mean_layers:>8.2f}  "
-                f"{'yes' if kept else 'NO'}"
-            )
+    prunings = {table.key.partition("+")[2]: table.vocab_pruning for table in tables}
+    for pruning in prunings.values():
+        group = [table for table in tables if table.vocab_pruning == pruning]
+        scores = collect_exit_scores(
+            model, dataset, [table.metric for table in group], bf16=args.bf16,
+            vocab_pruning=VocabPruningConfig.from_dict(pruning),
+        )
+        print(f"Held-out check: {scores.num_tokens} tokens of the eval split (data hash {scores.data_hash})")
+        print(f"{'table':<24}{'level':>7}{'agreement':>11}{'layers':>8}  kept")
+        for table in group:
+            for level, outcome in sorted(table.levels.items()):
+                measured = evaluate_policy(
+                    scores.scores[table.metric], scores.correct, torch.tensor(outcome.thresholds), model.exit_layers,
+                    model.decoder.num_layers,
+                )
+                kept = measured.accuracy >= level
+                failures += not kept
+                print(
+                    f"{table.key:<24}{level:>7g}{100 * measured.accuracy:>10.2f}%{measured.mean_layers:>8.2f}  "
+                    f"{'yes' if kept else 'NO'}"
+                )
     print("every level kept" if not failures else f"{failures} level(s) not kept on this text")
 
 
@@ -403,6 +430,7 @@ def main(argv: list[str] | None = None) -> None:
     calibrate_parser.add_argument("--method", choices=["ltt", "empirical"], default="ltt")
     calibrate_parser.add_argument("--delta", type=float, default=0.1, help="chance the guarantee may fail (ltt)")
     calibrate_parser.add_argument("--report", help="Markdown report to write (plots beside it)")
+    _add_pruning_arguments(calibrate_parser)
     verify_parser = commands.add_parser("verify-calibration", help="measure calibrated levels on held-out text")
     verify_parser.add_argument("--heads", required=True, help="a calibrated heads folder")
     for command in (calibrate_parser, verify_parser):

@@ -152,9 +152,74 @@ class EarlyExitForCausalLM(PreTrainedModel):
             hidden = self.decoder.layer(index, hidden, inputs)
             yield index + 1, hidden
 
-    def exit_logits_at(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        """The logits of the exit after `layer`, from the hidden state after that layer (batch, seq, hidden)."""
-        return self.exit_heads[str(layer)](hidden, self.decoder)
+    def exit_logits_at(
+        self, layer: int, hidden: torch.Tensor, token_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The logits of the exit after `layer`, from the hidden state after that layer (batch, seq, hidden); with
+        `token_ids` (batch, seq, k), only those tokens' logits (vocabulary pruning)."""
+        head = self.exit_heads[str(layer)]
+        # Heads written without vocabulary pruning in mind take two arguments; they still work unpruned.
+        return head(hidden, self.decoder) if token_ids is None else head(hidden, self.decoder, token_ids)
+
+    def generate(
+        self,
+        inputs: torch.LongTensor | None = None,
+        generation_config=None,
+        logits_processor=None,
+        stopping_criteria=None,
+        streamer=None,
+        *,
+        accuracy_level: float | None = None,
+        exit_thresholds: list[float | None] | None = None,
+        confidence_metric=None,
+        min_exit_layer: int | None = None,
+        kv_strategy: str = "deferred",
+        vocab_pruning=None,
+        **kwargs,
+    ):
+        """Generate with early exits: each token leaves at the first exit confident enough, else at the last layer.
+
+        Everything `transformers`' `generate` takes works as it does for the base model (`max_new_tokens`,
+        `do_sample`, `temperature`, `top_k`, `top_p`, `eos_token_id`, `attention_mask` for left-padded batches,
+        `logits_processor`, `stopping_criteria`, `streamer`, `return_dict_in_generate`, ...); beam search does not.
+        With `return_dict_in_generate=True` the output also says where each token left and where the time went
+        (`early_exit.generation.EarlyExitGenerateOutput`).
+
+        Args:
+            accuracy_level: the share of tokens that must equal the full model's (e.g. 0.95); the thresholds come
+                from the heads' calibration table.
+            exit_thresholds: explicit per-exit thresholds instead (`None` for an exit that never emits).
+            confidence_metric: a registered metric name (default: the calibration's default metric).
+            min_exit_layer: exits before this layer never emit.
+            kv_strategy: "deferred" (skipped layers' cache filled exactly, later) or "propagate" (computed from
+                the exited hidden state, approximate).
+            vocab_pruning: a `early_exit.pruning.VocabPruningConfig`, its dict, or a top-k; `None` uses the
+                config's setting, `False` none.
+
+        Without `accuracy_level` or `exit_thresholds`, every token runs the whole model and the output is exactly
+        `base.generate`'s.
+
+        Raises:
+            CalibrationError: `accuracy_level` without a calibration for it (metric and pruning).
+            ValueError: conflicting or malformed early-exit arguments, or beam search.
+        """
+        # Imported here: the generation package builds on calibration, which imports this module.
+        from .generation import LayerwiseDecoder, decoding_function, resolve_exit_policy
+
+        policy = resolve_exit_policy(
+            self.config, self.decoder.num_layers, accuracy_level, exit_thresholds, confidence_metric,
+            min_exit_layer, vocab_pruning,
+        )
+        layerwise = LayerwiseDecoder(self, policy, kv_strategy)
+        return self.base.generate(
+            inputs,
+            generation_config=generation_config,
+            logits_processor=logits_processor,
+            stopping_criteria=stopping_criteria,
+            streamer=streamer,
+            custom_generate=decoding_function(layerwise),
+            **kwargs,
+        )
 
     def train(self, mode: bool = True) -> "EarlyExitForCausalLM":
         """Set training mode; a frozen base stays in eval mode, so its dropout never perturbs the heads' targets."""

@@ -170,7 +170,7 @@ def test_a_user_metric_calibrates_saves_and_loads_with_the_heads(tmp_path):
         assert select_thresholds(again.config, 0.7, "entropy")[1] == tables[1].levels[0.7].thresholds
         with pytest.raises(CalibrationError, match="stricter than every calibrated level"):
             select_thresholds(again.config, 0.95)
-        with pytest.raises(CalibrationError, match="calibrated metrics: entropy, test_logit_gap"):
+        with pytest.raises(CalibrationError, match="calibrated tables: entropy, test_logit_gap"):
             select_thresholds(again.config, 0.9, "margin")
     finally:
         del CONFIDENCE_METRICS["test_logit_gap"]

@@ -74,9 +74,10 @@ class OPTDecoderAdapter(DecoderAdapter):
         attention_mask: torch.Tensor | None,
         position_ids: torch.LongTensor | None,
         cache: Cache | None,
+        layer_index: int | None = None,
     ) -> dict[str, Any]:
         # OPT builds its mask without positions: its padding-shifted positions would look like packed sequences.
-        return super().attention_masks(hidden, attention_mask, None, cache)
+        return super().attention_masks(hidden, attention_mask, None, cache, layer_index)
 
     def layer(self, index: int, hidden: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
         return self.layers[index](

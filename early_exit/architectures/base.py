@@ -9,7 +9,7 @@ can stop after any layer. Each supported architecture subclasses it in its own m
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -17,6 +17,8 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from ..pruning import project_rows
 
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
@@ -94,13 +96,28 @@ class DecoderAdapter(ABC):
         if position_ids is None:
             position_ids = self.default_position_ids(attention_mask, past_length, input_ids.shape[1], input_ids.device)
         hidden = self.embed(input_ids, position_ids)
-        inputs = LayerInputs(
+        return hidden, self.prepare(hidden, attention_mask, position_ids, cache)
+
+    def prepare(
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor,
+        cache: Cache | None,
+        layer_index: int | None = None,
+    ) -> LayerInputs:
+        """Masks and position embeddings for running the positions of `hidden` through the layers.
+
+        `layer_index` names the cache layer the masks are sized against. Early-exit decoding leaves deep layers'
+        caches shorter than shallow ones, so a chunk of positions entering layer `i` passes `i`; by default the
+        masks fit a cache whose layers all hold the same number of positions.
+        """
+        return LayerInputs(
             position_ids=position_ids,
-            attention_masks=self.attention_masks(hidden, attention_mask, position_ids, cache),
+            attention_masks=self.attention_masks(hidden, attention_mask, position_ids, cache, layer_index),
             position_embeddings=self.position_embeddings(hidden, position_ids),
             cache=cache,
         )
-        return hidden, inputs
 
     def default_position_ids(
         self, attention_mask: torch.Tensor | None, past_length: int, seq_length: int, device: torch.device
@@ -118,10 +135,15 @@ class DecoderAdapter(ABC):
         attention_mask: torch.Tensor | None,
         position_ids: torch.LongTensor | None,
         cache: Cache | None,
+        layer_index: int | None = None,
     ) -> dict[str, Any]:
-        """One mask per layer type in use, built with the same `transformers` helpers the base model uses."""
+        """One mask per layer type in use, built with the same `transformers` helpers the base model uses (sized
+        against cache layer `layer_index`, see `prepare`)."""
         builders = {FULL_ATTENTION: create_causal_mask, SLIDING_ATTENTION: create_sliding_window_causal_mask}
-        used = {self.layer_type(i) for i in range(self.num_layers)}
+        # Each mask type is sized against the first layer of that type the positions will enter.
+        first_of_type: dict[str, int] = {}
+        for index in range(layer_index or 0, self.num_layers):
+            first_of_type.setdefault(self.layer_type(index), index)
         return {
             layer_type: builders[layer_type](
                 config=self.config,
@@ -129,8 +151,9 @@ class DecoderAdapter(ABC):
                 attention_mask=attention_mask,
                 past_key_values=cache,
                 position_ids=position_ids,
+                layer_idx=index if layer_index is not None else None,
             )
-            for layer_type in used
+            for layer_type, index in first_of_type.items()
         }
 
     def position_embeddings(self, hidden: torch.Tensor, position_ids: torch.LongTensor) -> dict[str, Any] | None:
@@ -141,14 +164,53 @@ class DecoderAdapter(ABC):
     def layer(self, index: int, hidden: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
         """Run decoder layer `index` (0-based), appending its keys and values to `inputs.cache` if there is one."""
 
+    def propagate_kv(self, index: int, hidden: torch.Tensor, inputs: LayerInputs) -> None:
+        """Append to `inputs.cache` the keys and values layer `index` would compute from `hidden`, skipping the rest
+        of the layer (CALM's state propagation for layers an early exit skips).
+
+        The layer runs until its attention hands the new keys and values to the cache, then stops: the norm and
+        key/value projections (with rotary or other position handling) are the model's own code, and the attention
+        itself and the MLP are never computed.
+        """
+        writer = _KeyValueWriter(inputs.cache)
+        try:
+            self.layer(index, hidden, replace(inputs, cache=writer))
+        except _KeysAndValuesWritten:
+            return
+        raise RuntimeError(
+            f"Layer {index} of {type(self.model).__name__} never wrote to its cache; state propagation needs a layer "
+            "that calls cache.update(key, value, layer_idx). Use kv_strategy='deferred' instead."
+        )
+
     @abstractmethod
     def norm(self, hidden: torch.Tensor) -> torch.Tensor:
         """The base model's final normalisation (and any projection) applied before the LM head."""
 
-    def unembed(self, normed: torch.Tensor) -> torch.Tensor:
-        """Logits from a normalised hidden state, with the final soft-capping of models that have one."""
-        logits = self.lm_head(normed)
+    def unembed(self, normed: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits from a normalised hidden state, with the final soft-capping of models that have one.
+
+        With `token_ids` (shape `normed.shape[:-1] + (k,)`), only those tokens' logits are computed (vocabulary
+        pruning)."""
+        lm_head = self.lm_head
+        logits = project_rows(normed, lm_head.weight, getattr(lm_head, "bias", None), token_ids)
         softcap = getattr(self.config, "final_logit_softcapping", None)
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
         return logits
+
+class _KeysAndValuesWritten(Exception):
+    """Raised by `_KeyValueWriter` to leave a layer as soon as its keys and values are in the cache."""
+
+
+class _KeyValueWriter:
+    """Stands in for the cache during one layer call: writes the keys and values, then stops the layer."""
+
+    def __init__(self, cache: Cache) -> None:
+        self._cache = cache
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        self._cache.update(key_states, value_states, layer_idx, *args, **kwargs)
+        raise _KeysAndValuesWritten
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cache, name)

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from ..confidence import get_confidence_metric
 from ..modeling_early_exit import EarlyExitForCausalLM
+from ..pruning import VocabPruner, VocabPruningConfig
 from ..training import DistillationCollator
 
 
@@ -24,6 +25,7 @@ class ExitScores:
         correct: (tokens, exits) bool: whether each exit's top-1 token equals the final layer's.
         groups: (tokens,) the batch each token came from, so data can be split without cutting sequences.
         data_hash: a hash of the token ids, recorded with the thresholds calibrated on them.
+        vocab_pruning: the vocabulary pruning the exits were scored with (`VocabPruningConfig.to_dict()`), or `None`.
     """
 
     exit_layers: list[int]
@@ -32,6 +34,7 @@ class ExitScores:
     correct: torch.Tensor
     groups: torch.Tensor
     data_hash: str = ""
+    vocab_pruning: dict | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -67,6 +70,7 @@ class ExitScores:
             self.correct[keep],
             self.groups[keep],
             self.data_hash,
+            self.vocab_pruning,
         )
 
 
@@ -77,9 +81,13 @@ def collect_exit_scores(
     metrics: list[str],
     batch_size: int = 1,
     bf16: bool = False,
+    vocab_pruning: VocabPruningConfig | None = None,
 ) -> ExitScores:
     """Run `model` over `dataset` (token blocks) and record every exit's confidence under each metric, and whether
     its top-1 token is the final layer's, at every attended position.
+
+    With `vocab_pruning`, exits after the pruning exit score only the tokens kept there, exactly as decoding with
+    that pruning does, so thresholds calibrated on these scores hold for it.
 
     Raises:
         ValueError: an unknown metric name (the message lists the known ones).
@@ -90,21 +98,24 @@ def collect_exit_scores(
     correct, groups = [], []
     digest = hashlib.sha256()
     model.eval()
+    pruner = VocabPruner(vocab_pruning, exits)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=DistillationCollator())
     for index, batch in enumerate(tqdm(loader, desc="scoring exits", disable=None)):
         batch = {name: tensor.to(model.device) for name, tensor in batch.items()}
         mask = batch["attention_mask"].bool()
         digest.update(batch["input_ids"][mask].cpu().numpy().tobytes())
         per_metric: dict[str, list[torch.Tensor]] = {metric.name: [] for metric in resolved}
-        tokens, previous = [], None
+        tokens, previous, token_ids = [], None, None
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
             for layer, hidden in model.iter_layers(batch["input_ids"], batch["attention_mask"]):
                 if layer in exits:
-                    logits = model.exit_logits_at(layer, hidden)
-                    tokens.append(logits.argmax(-1)[mask])
+                    logits = model.exit_logits_at(layer, hidden, token_ids)
+                    top = logits.argmax(-1, keepdim=True)
+                    tokens.append((top if token_ids is None else token_ids.gather(-1, top))[..., 0][mask])
                     for metric in resolved:
                         per_metric[metric.name].append(metric(logits, hidden, previous)[mask])
                     previous = hidden
+                    token_ids = pruner.next_tokens(exits.index(layer), logits, token_ids)
             final = model.decoder.unembed(model.decoder.norm(hidden)).argmax(-1)[mask]
         for name, values in per_metric.items():
             scores[name].append(torch.stack(values, dim=1).cpu())
@@ -117,4 +128,5 @@ def collect_exit_scores(
         torch.cat(correct),
         torch.cat(groups),
         digest.hexdigest()[:16],
+        vocab_pruning.to_dict() if vocab_pruning is not None else None,
     )

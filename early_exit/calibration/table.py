@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..configuration_early_exit import EarlyExitConfig
+from ..pruning import VocabPruningConfig
 from .calibrate import DEFAULT_LEVELS, CalibrationError, PolicyOutcome, calibrate_level, candidate_thresholds
 from .scores import ExitScores
 
@@ -21,6 +22,8 @@ class CalibrationTable:
         base_model_revision: the base model revision the heads were calibrated with.
         exit_layers: the exits the thresholds belong to, in order.
         levels: accuracy level -> thresholds and their outcome on the calibration tokens.
+        vocab_pruning: the vocabulary pruning the scores were computed with (`VocabPruningConfig.to_dict()`), or
+            `None`; thresholds only hold under the same pruning.
     """
 
     metric: str
@@ -31,6 +34,12 @@ class CalibrationTable:
     base_model_revision: str | None
     exit_layers: list[int]
     levels: dict[float, PolicyOutcome] = field(default_factory=dict)
+    vocab_pruning: dict | None = None
+
+    @property
+    def key(self) -> str:
+        """The name this table is stored under in `EarlyExitConfig.calibration["tables"]`."""
+        return table_key(self.metric, VocabPruningConfig.from_dict(self.vocab_pruning))
 
     def to_dict(self) -> dict:
         """JSON-ready form, as stored in `EarlyExitConfig.calibration`."""
@@ -41,9 +50,19 @@ class CalibrationTable:
     @classmethod
     def from_dict(cls, values: dict) -> "CalibrationTable":
         """The inverse of `to_dict`."""
-        fields = {name: values[name] for name in cls.__dataclass_fields__ if name != "levels"}
+        fields = {name: values.get(name) for name in cls.__dataclass_fields__ if name != "levels"}
         levels = {float(level): PolicyOutcome.from_dict(outcome) for level, outcome in values["levels"].items()}
         return cls(**fields, levels=levels)
+
+
+def table_key(metric: str, vocab_pruning: VocabPruningConfig | None = None) -> str:
+    """The storage name of `metric`'s table: the metric itself, or with the pruning appended, e.g.
+    "max_prob+top256" or "max_prob+top2048-256@layer12"."""
+    if vocab_pruning is None:
+        return metric
+    schedule = "-".join(str(k) for k in vocab_pruning.schedule)
+    at = f"@layer{vocab_pruning.prune_at}" if vocab_pruning.prune_at is not None else ""
+    return f"{metric}+top{schedule}{at}"
 
 
 def calibrate_table(
@@ -54,10 +73,11 @@ def calibrate_table(
     delta: float = 0.1,
     base_model_revision: str | None = None,
 ) -> CalibrationTable:
-    """Calibrate `metric`'s thresholds for every level in `levels` (see `calibrate_level`)."""
+    """Calibrate `metric`'s thresholds for every level in `levels` (see `calibrate_level`); the table records the
+    vocabulary pruning `scores` were computed with."""
     table = CalibrationTable(
         metric, method, delta if method == "ltt" else None, scores.num_tokens, scores.data_hash, base_model_revision,
-        list(scores.exit_layers),
+        list(scores.exit_layers), vocab_pruning=scores.vocab_pruning,
     )
     family = candidate_thresholds(scores, metric, method)
     for level in levels:
@@ -66,23 +86,28 @@ def calibrate_table(
 
 
 def store_calibration(config: EarlyExitConfig, tables: list[CalibrationTable], default_metric: str) -> None:
-    """Write `tables` into `config.calibration` (replacing earlier tables of the same metrics)."""
+    """Write `tables` into `config.calibration` (replacing earlier tables of the same metric and pruning)."""
     stored = dict(config.calibration or {})
     stored.setdefault("tables", {})
-    stored["tables"] = {**stored["tables"], **{table.metric: table.to_dict() for table in tables}}
+    stored["tables"] = {**stored["tables"], **{table.key: table.to_dict() for table in tables}}
     stored["default_metric"] = default_metric
     config.calibration = stored
 
 
-def select_thresholds(config: EarlyExitConfig, level: float, metric: str | None = None) -> tuple[str, list[float]]:
-    """The metric and per-exit thresholds to run at accuracy `level`.
+def select_thresholds(
+    config: EarlyExitConfig,
+    level: float,
+    metric: str | None = None,
+    vocab_pruning: VocabPruningConfig | None = None,
+) -> tuple[str, list[float]]:
+    """The metric and per-exit thresholds to run at accuracy `level` (with `vocab_pruning`, if decoding prunes).
 
     An uncalibrated level takes the thresholds of the nearest stricter calibrated level, which keeps at least the
     accuracy asked for.
 
     Raises:
-        CalibrationError: the heads are not calibrated (for `metric`), the level is outside (0, 1), or it is stricter
-            than every calibrated level.
+        CalibrationError: the heads are not calibrated (for `metric` with this pruning), the level is outside (0, 1),
+            or it is stricter than every calibrated level.
     """
     if not 0.0 < level < 1.0:
         raise CalibrationError(f"Accuracy level {level} is outside (0, 1); use e.g. 0.9 for 90% agreement.")
@@ -94,12 +119,16 @@ def select_thresholds(config: EarlyExitConfig, level: float, metric: str | None 
             "early_exit.calibration.calibrate_table) first."
         )
     metric = metric or stored.get("default_metric")
-    if metric not in tables:
-        raise CalibrationError(f"No calibration for metric {metric!r}; calibrated metrics: {', '.join(sorted(tables))}.")
-    table = CalibrationTable.from_dict(tables[metric])
+    key = table_key(metric, vocab_pruning)
+    if key not in tables:
+        how = "" if vocab_pruning is None else f" (calibrate with the same pruning: --prune-top-k {vocab_pruning.top_k})"
+        raise CalibrationError(
+            f"No calibration for {key!r}{how}; calibrated tables: {', '.join(sorted(tables))}."
+        )
+    table = CalibrationTable.from_dict(tables[key])
     if table.exit_layers != list(config.exit_layers):
         raise CalibrationError(
-            f"The {metric} calibration was made for exits {table.exit_layers}, but the heads sit at "
+            f"The {key} calibration was made for exits {table.exit_layers}, but the heads sit at "
             f"{list(config.exit_layers)}: calibrate again."
         )
     stricter = sorted(candidate for candidate in table.levels if candidate >= level - 1e-12)

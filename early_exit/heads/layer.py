@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Callable, TypeVar
 import torch
 from torch import nn
 
+from ..pruning import project_rows
+
 if TYPE_CHECKING:
     from ..architectures import DecoderAdapter
     from ..configuration_early_exit import EarlyExitConfig
@@ -28,8 +30,11 @@ class ExitHead(nn.Module):
         """A new head for the base model behind `decoder`, configured by `config`."""
         raise NotImplementedError
 
-    def forward(self, hidden: torch.Tensor, decoder: "DecoderAdapter") -> torch.Tensor:
-        """Logits over the vocabulary from the hidden state `hidden` (batch, seq, hidden_size)."""
+    def forward(
+        self, hidden: torch.Tensor, decoder: "DecoderAdapter", token_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits over the vocabulary from the hidden state `hidden` (batch, seq, hidden_size); with `token_ids`
+        (batch, seq, k), over those tokens only (vocabulary pruning)."""
         raise NotImplementedError
 
 
@@ -70,8 +75,10 @@ class LogitLensHead(ExitHead):
     def build(cls, decoder: "DecoderAdapter", config: "EarlyExitConfig") -> "LogitLensHead":
         return cls()
 
-    def forward(self, hidden: torch.Tensor, decoder: "DecoderAdapter") -> torch.Tensor:
-        return decoder.unembed(decoder.norm(hidden))
+    def forward(
+        self, hidden: torch.Tensor, decoder: "DecoderAdapter", token_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return decoder.unembed(decoder.norm(hidden), token_ids)
 
 
 @register_head_type("residual_adapter")
@@ -97,8 +104,10 @@ class ResidualAdapterHead(LogitLensHead):
         """The corrected hidden state that the base's final norm and LM head then read."""
         return hidden + self.up(nn.functional.silu(self.down(self.norm(hidden))))
 
-    def forward(self, hidden: torch.Tensor, decoder: "DecoderAdapter") -> torch.Tensor:
-        return super().forward(self.adapt(hidden), decoder)
+    def forward(
+        self, hidden: torch.Tensor, decoder: "DecoderAdapter", token_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return super().forward(self.adapt(hidden), decoder, token_ids)
 
 
 @register_head_type("linear")
@@ -123,5 +132,7 @@ class LinearHead(ExitHead):
                 head.proj.weight.copy_(unembedding)
         return head
 
-    def forward(self, hidden: torch.Tensor, decoder: "DecoderAdapter") -> torch.Tensor:
-        return self.proj(self.norm(hidden))
+    def forward(
+        self, hidden: torch.Tensor, decoder: "DecoderAdapter", token_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return project_rows(self.norm(hidden), self.proj.weight, None, token_ids)

@@ -1,0 +1,125 @@
+"""`EarlyExitForCausalLM.generate`: the base model's own `generate`, with a decoding loop that leaves early.
+
+`transformers`' `generate` prepares everything (generation config, special tokens, attention mask and positions for
+left-padded batches, logits processors, stopping criteria, the cache) and then hands over to a decoding function;
+`custom_generate` is its supported way to plug one in. The loop below mirrors `transformers`' own sampling loop
+token for token, so a policy that never exits reproduces `base.generate` exactly, greedy or sampled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from transformers import GenerationConfig
+from transformers.cache_utils import DynamicCache
+from transformers.generation import GenerateDecoderOnlyOutput, LogitsProcessorList, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from .decoding import DecodingStatistics, LayerwiseDecoder
+
+
+@dataclass
+class EarlyExitGenerateOutput(GenerateDecoderOnlyOutput):
+    """`generate`'s output with `return_dict_in_generate=True`: `transformers`' fields plus where tokens left.
+
+    Args:
+        exit_layers: (batch, new tokens) the layer whose logits chose each generated token (the model's depth for
+            full-depth tokens, 0 after a row finished).
+        layers_run: (new tokens,) how many layers the batch ran for each generated token.
+        layer_seconds: time in decoder layers.
+        head_seconds: time in exit heads and confidence metrics.
+        fill_seconds: time filling skipped layers' caches (state propagation or the final deferred fill).
+    """
+
+    exit_layers: torch.LongTensor | None = None
+    layers_run: torch.LongTensor | None = None
+    layer_seconds: float | None = None
+    head_seconds: float | None = None
+    fill_seconds: float | None = None
+
+
+def early_exit_sampling(
+    model,
+    input_ids: torch.LongTensor,
+    logits_processor: LogitsProcessorList,
+    stopping_criteria: StoppingCriteriaList,
+    generation_config: GenerationConfig,
+    synced_gpus: bool = False,
+    streamer: BaseStreamer | None = None,
+    *,
+    layerwise: LayerwiseDecoder,
+    **model_kwargs,
+) -> EarlyExitGenerateOutput | torch.LongTensor:
+    """The decoding function `generate` calls (greedy or multinomial sampling), with `layerwise` choosing each
+    token's exit. `model` is the base model `generate` was called on."""
+    if generation_config.num_beams > 1:
+        raise ValueError("Beam search is not supported with early exits; use greedy decoding or sampling.")
+    if synced_gpus:
+        raise ValueError("Early-exit decoding does not support synced_gpus (DeepSpeed ZeRO-3 / FSDP generation).")
+    pad_token_id = generation_config._pad_token_tensor
+    has_eos_stopping_criteria = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
+    return_dict = generation_config.return_dict_in_generate
+    scores = () if return_dict and generation_config.output_scores else None
+    raw_logits = () if return_dict and generation_config.output_logits else None
+
+    attention_mask = model_kwargs.get("attention_mask")
+    position_ids = model_kwargs.get("position_ids")
+    if position_ids is None:
+        position_ids = model._prepare_position_ids_for_generation(input_ids, {"attention_mask": attention_mask})
+    cache = model_kwargs.get("past_key_values")
+    if cache is None:
+        cache = DynamicCache(config=model.config)
+    if pad_token_id is not None:
+        pad_token_id = pad_token_id.to(input_ids.device)
+
+    unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    next_logits = layerwise.prefill(input_ids, attention_mask, position_ids, cache)
+    while True:
+        next_logits = next_logits.to(copy=True, dtype=torch.float32, device=input_ids.device)
+        next_scores = logits_processor(input_ids, next_logits)
+        if scores is not None:
+            scores += (next_scores,)
+        if raw_logits is not None:
+            raw_logits += (next_logits,)
+        if generation_config.do_sample:
+            next_tokens = torch.multinomial(torch.softmax(next_scores, dim=-1), num_samples=1).squeeze(1)
+        else:
+            next_tokens = torch.argmax(next_scores, dim=-1)
+        if has_eos_stopping_criteria:
+            next_tokens = next_tokens * unfinished + pad_token_id * (1 - unfinished)
+        input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
+        if streamer is not None:
+            streamer.put(next_tokens.cpu())
+        unfinished = unfinished & ~stopping_criteria(input_ids, next_scores)
+        if unfinished.max() == 0:
+            break
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], 1))], dim=-1)
+        position_ids = torch.cat([position_ids, position_ids[:, -1:] + 1], dim=-1)
+        next_logits = layerwise.step(input_ids[:, -1:], attention_mask, position_ids, cache, unfinished)
+    layerwise.finish()
+    if streamer is not None:
+        streamer.end()
+    if not return_dict:
+        return input_ids
+    stats: DecodingStatistics = layerwise.stats
+    # The first new token comes from the prompt's full-depth pass.
+    first_exit = torch.full_like(unfinished, layerwise.num_layers)
+    return EarlyExitGenerateOutput(
+        sequences=input_ids,
+        scores=scores,
+        logits=raw_logits,
+        past_key_values=cache,
+        exit_layers=torch.stack([first_exit, *stats.exit_layers], dim=1),
+        layers_run=torch.tensor([layerwise.num_layers, *stats.layers_run]),
+        layer_seconds=stats.layer_seconds,
+        head_seconds=stats.head_seconds,
+        fill_seconds=stats.fill_seconds,
+    )
+
+
+def decoding_function(layerwise: LayerwiseDecoder):
+    """The `custom_generate` callable that makes `base.generate` decode with `layerwise`."""
+    return partial(early_exit_sampling, layerwise=layerwise)

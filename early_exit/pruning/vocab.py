@@ -1,0 +1,125 @@
+"""Dynamic vocabulary pruning (Vincenti et al., 2024): score the full vocabulary once at an early exit, then let
+later exits score only the tokens it ranked highest.
+
+A full-vocabulary LM head costs as much as several decoder layers on small models, so confidence at every exit
+would eat the time early exits save. After the pruning exit, an exit's logits are those of the kept tokens only:
+its confidence is read over them (renormalised), which is why thresholds must be calibrated with the same pruning.
+A token that reaches the final layer is scored there over the full vocabulary, as the base model does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..errors import EarlyExitError
+
+
+class VocabPruningError(EarlyExitError, ValueError):
+    """A vocabulary pruning setting that cannot be used."""
+
+
+@dataclass
+class VocabPruningConfig:
+    """Which tokens later exits score.
+
+    Attributes:
+        top_k: tokens kept at the pruning exit. A list is a schedule: `top_k[i]` tokens are kept after the `i`-th
+            exit from the pruning exit on (the last entry repeats), each exit re-ranking the previous exit's tokens;
+            it must not grow.
+        prune_at: the exit layer whose full-vocabulary logits choose the kept tokens; `None` means the first exit a
+            token is scored at.
+    """
+
+    top_k: int | list[int] = 256
+    prune_at: int | None = None
+
+    def __post_init__(self) -> None:
+        schedule = self.schedule
+        if not schedule or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in schedule):
+            raise VocabPruningError(
+                f"Vocabulary pruning top_k must be a positive integer or a list of them, got {self.top_k!r}."
+            )
+        if any(later > earlier for earlier, later in zip(schedule, schedule[1:])):
+            raise VocabPruningError(f"A top_k schedule must not grow from one exit to the next, got {schedule}.")
+
+    @property
+    def schedule(self) -> list[int]:
+        """Tokens kept after each exit from the pruning exit on (the last entry repeats)."""
+        return [self.top_k] if isinstance(self.top_k, int) else list(self.top_k)
+
+    def kept_after(self, exits_since_pruning: int) -> int:
+        """How many tokens the exit `exits_since_pruning` exits after the pruning exit passes on."""
+        return self.schedule[min(exits_since_pruning, len(self.schedule) - 1)]
+
+    def to_dict(self) -> dict:
+        """JSON-ready form, as stored in `EarlyExitConfig.vocab_pruning` and calibration tables."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: "dict | VocabPruningConfig | int | None") -> "VocabPruningConfig | None":
+        """A config from its dict form (an int is a fixed `top_k`; `None` stays `None`)."""
+        if values is None or isinstance(values, VocabPruningConfig):
+            return values
+        if isinstance(values, int):
+            return cls(top_k=values)
+        return cls(**values)
+
+
+class VocabPruner:
+    """Decides, exit after exit, which tokens the next exit scores.
+
+    Args:
+        config: the pruning setting (`None`: every exit scores the full vocabulary).
+        exit_layers: the exits, in order.
+        first_scored_exit: index of the first exit a token is scored at; with `config.prune_at` unset, pruning
+            happens there.
+    """
+
+    def __init__(self, config: VocabPruningConfig | None, exit_layers: list[int], first_scored_exit: int = 0) -> None:
+        self.config = config
+        self.prune_index = None
+        if config is not None:
+            if config.prune_at is not None and config.prune_at not in exit_layers:
+                raise VocabPruningError(
+                    f"Vocabulary pruning at layer {config.prune_at}: there is no exit there (exits: {exit_layers})."
+                )
+            prune_layer = config.prune_at if config.prune_at is not None else exit_layers[first_scored_exit]
+            self.prune_index = max(exit_layers.index(prune_layer), first_scored_exit)
+
+    def next_tokens(
+        self, exit_index: int, logits: torch.Tensor, token_ids: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """The token ids the exit after `exit_index` should score, given this exit's `logits` over `token_ids`
+        (`None`: the full vocabulary). Returns `None` while pruning has not started."""
+        if self.prune_index is None or exit_index < self.prune_index:
+            return token_ids
+        keep = self.config.kept_after(exit_index - self.prune_index)
+        if keep >= logits.shape[-1]:
+            return token_ids
+        top = logits.topk(keep, dim=-1).indices
+        return top if token_ids is None else token_ids.gather(-1, top)
+
+
+def project_rows(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, token_ids: torch.Tensor | None
+) -> torch.Tensor:
+    """`hidden @ weight.T + bias` restricted to the output rows `token_ids` (shape `hidden.shape[:-1] + (k,)`), or
+    over all rows when `token_ids` is `None`."""
+    if token_ids is None:
+        return torch.nn.functional.linear(hidden, weight, bias)
+    if hidden.shape[:-1].numel() * token_ids.shape[-1] < weight.shape[0]:
+        # Decoding: few positions, so gather the k rows of the weight and multiply by those only.
+        logits = torch.einsum("...d,...kd->...k", hidden, weight[token_ids])
+        return logits if bias is None else logits + bias[token_ids]
+    # Many positions (calibration): one full matmul and a gather move less memory than a weight copy per position.
+    return torch.nn.functional.linear(hidden, weight, bias).gather(-1, token_ids)
+
+
+def scatter_to_vocabulary(logits: torch.Tensor, token_ids: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
+    """Full-vocabulary logits from logits over `token_ids`: the tokens not kept get -inf (never chosen)."""
+    if token_ids is None:
+        return logits
+    full = logits.new_full((*logits.shape[:-1], vocab_size), float("-inf"))
+    return full.scatter_(-1, token_ids, logits)
