@@ -33,10 +33,13 @@ heads: $(STAMP)
 heads-report: $(STAMP)
 	$(BIN)/early-exit report --heads $(HEADS) --output docs/heads-smollm2-135m.md --eval-tokens 16000 --bf16
 
-# Calibrate the shipped heads (entropy, max-prob, margin at 0.8/0.9/0.95/0.99, Learn then Test at delta 0.01), then
-# measure every level on held-out text.
+# Calibrate the shipped heads (entropy, max-prob, margin at 0.8/0.9/0.95/0.99, Learn then Test at delta 0.01), again
+# for max-prob with the vocabulary pruned to 512 tokens at the first exit (the decoding default), then measure every
+# level on held-out text.
 calibration: $(STAMP)
 	$(BIN)/early-exit calibrate --heads $(HEADS) --delta 0.01 --report docs/calibration-smollm2-135m.md
+	$(BIN)/early-exit calibrate --heads $(HEADS) --delta 0.01 --metrics max_prob --prune-top-k 512 \
+		--report docs/calibration-smollm2-135m-pruned.md
 	$(BIN)/early-exit verify-calibration --heads $(HEADS)
 
 info: $(STAMP)

@@ -1,10 +1,13 @@
-"""The `early-exit` command line: `info`, `agreement` and `train`."""
+"""The `early-exit` command line: `info`, `agreement`, `train`, `report`, `calibrate`, `verify-calibration` and
+`generate`."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -14,8 +17,15 @@ from transformers import PreTrainedTokenizerBase
 from .data import format_prompt, load_prompts
 from .default_model import DEFAULT_MODEL_ID, load_base_model, load_base_tokenizer
 from .evaluation import measure_agreement
+from .generation import KV_STRATEGIES
 from .modeling_early_exit import EarlyExitForCausalLM, add_exit_heads
 from .pruning import VocabPruningConfig
+
+#: The heads shipped with the repository for the default model (not installed with the package).
+SHIPPED_HEADS = Path(__file__).resolve().parents[1] / "adapters" / "SmolLM2-135M-Instruct-exits"
+
+#: ANSI 256-colour codes for exits, earliest first (red to blue); full-depth tokens keep the terminal's colour.
+_EXIT_COLORS = (196, 208, 220, 112, 37, 33, 129, 201)
 
 
 def _exit_layer(text: str) -> int | float:
@@ -367,6 +377,101 @@ def verify_calibration(args: argparse.Namespace) -> None:
     print("every level kept" if not failures else f"{failures} level(s) not kept on this text")
 
 
+def _paint(text: str, color: int | None) -> str:
+    return text if color is None else f"\033[38;5;{color}m{text}\033[0m"
+
+
+def _token_texts(tokenizer: PreTrainedTokenizerBase, context_id: int, token_ids: list[int]) -> list[str]:
+    """Each token's text, decoded one at a time. Taken as the growth of the decoded text after `context_id` (the
+    prompt's last token), because SentencePiece tokenizers drop a word's leading space when decoding it alone; a
+    token that ends inside a multi-byte character gets "" and the next one the whole character."""
+    texts, previous, ids = [], tokenizer.decode([context_id]), [context_id]
+    for token_id in token_ids:
+        ids.append(token_id)
+        text = tokenizer.decode(ids)
+        if text.endswith("\ufffd"):
+            texts.append("")
+            continue
+        texts.append(text[len(previous):] if text.startswith(previous) else tokenizer.decode([token_id]))
+        previous = text
+    return texts
+
+
+def generate(args: argparse.Namespace) -> None:
+    """Generate from prompts with early exits, printing each token coloured by (or marked with) the layer it left
+    at, and where the time went; optionally plot a histogram of exit layers."""
+    from .calibration.calibrate import CalibrationError
+
+    heads = args.heads or SHIPPED_HEADS
+    if not args.heads and not SHIPPED_HEADS.is_dir():
+        raise SystemExit(f"No --heads given and the shipped heads are not at {SHIPPED_HEADS}.")
+    pruning = _vocab_pruning(args)
+    if args.no_pruning and pruning is not None:
+        raise SystemExit("--no-pruning and --prune-top-k contradict each other; give one.")
+    model = EarlyExitForCausalLM.from_pretrained(heads).eval()
+    tokenizer = _tokenizer(model)
+    num_layers = model.decoder.num_layers
+    level = args.level
+    if level is None and args.thresholds is None and model.config.calibration:
+        level = 0.9  # the default level; uncalibrated heads without a level or thresholds run at full depth
+    if args.prompt:
+        prompts = [{"kind": "instruction", "text": text} for text in args.prompt]
+    else:
+        prompts = load_prompts("eval")[:2]
+    color = not args.no_color and not os.environ.get("NO_COLOR")
+    colors = {layer: _EXIT_COLORS[index % len(_EXIT_COLORS)] for index, layer in enumerate(model.exit_layers)}
+    if level is None and args.thresholds is None:
+        print("no --level or --thresholds and the heads are not calibrated: every token runs to full depth")
+    if color:
+        legend = " ".join(_paint(f"exit {layer}", colors[layer]) for layer in model.exit_layers)
+        print(f"exit layer colours: {legend} full depth ({num_layers})")
+    else:
+        print(f"token[layer]: the layer whose logits chose the token ({num_layers} = full depth)")
+    torch.manual_seed(args.seed)
+    sampling = {"temperature": args.temperature, "top_p": args.top_p} if args.sample else {}
+    all_exits: list[int] = []
+    for number, prompt in enumerate(prompts, 1):
+        encoded = tokenizer(format_prompt(prompt, tokenizer), return_tensors="pt", add_special_tokens=False)
+        started = time.perf_counter()
+        try:
+            with torch.no_grad():
+                output = model.generate(
+                    **encoded, max_new_tokens=args.max_new_tokens, return_dict_in_generate=True,
+                    pad_token_id=tokenizer.pad_token_id, accuracy_level=level, exit_thresholds=args.thresholds,
+                    confidence_metric=args.metric, min_exit_layer=args.min_exit_layer, kv_strategy=args.kv_strategy,
+                    vocab_pruning=False if args.no_pruning else pruning, do_sample=args.sample, **sampling,
+                )
+        except CalibrationError as error:
+            raise SystemExit(str(error)) from error
+        seconds = time.perf_counter() - started
+        new_ids = output.sequences[0, encoded["input_ids"].shape[1]:].tolist()
+        exits = output.exit_layers[0].tolist()
+        texts = _token_texts(tokenizer, encoded["input_ids"][0, -1].item(), new_ids)
+        if color:
+            generated = "".join(_paint(text, colors.get(layer)) for text, layer in zip(texts, exits))
+        else:
+            generated = "".join(f"{text}[{layer}]" for text, layer in zip(texts, exits))
+        print(f"\n--- prompt {number}: {prompt['text']}\n{generated}\n")
+        tokens = len(new_ids)
+        all_exits += exits
+        timed = {"layers": output.layer_seconds, "heads": output.head_seconds, "cache fill": output.fill_seconds}
+        split = ", ".join(f"{name} {value:.3f} s ({100 * value / seconds:.0f}%)" for name, value in timed.items())
+        print(
+            f"{tokens} tokens, mean exit layer {sum(exits) / max(tokens, 1):.1f} of {num_layers}, mean layers run "
+            f"{output.layers_run.float().mean().item():.1f}, {tokens / seconds:.1f} tokens/s"
+        )
+        print(f"time {seconds:.3f} s: {split}, other {seconds - sum(timed.values()):.3f} s")
+    if args.plot:
+        from .reporting import plot_exit_layer_histogram
+
+        how = f"level {level:g}" if level is not None else "thresholds" if args.thresholds else "full depth"
+        plot = plot_exit_layer_histogram(
+            all_exits, model.exit_layers, num_layers, args.plot,
+            f"{model.config.base_model_name_or_path}: exit layers of {len(all_exits)} generated tokens ({how})",
+        )
+        print(f"histogram written to {plot}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `early-exit` console script."""
     parser = argparse.ArgumentParser(prog="early-exit", description=__doc__)
@@ -440,6 +545,40 @@ def main(argv: list[str] | None = None) -> None:
         command.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     calibrate_parser.set_defaults(run=calibrate)
     verify_parser.set_defaults(run=verify_calibration)
+
+    generate_parser = commands.add_parser("generate", help="generate with early exits, tokens coloured by exit layer")
+    generate_parser.add_argument(
+        "--heads", help="heads folder or Hub repo (default: the shipped adapters/SmolLM2-135M-Instruct-exits)"
+    )
+    generate_parser.add_argument(
+        "--prompt", action="append",
+        help="an instruction (chat template applied when the tokenizer has one); repeat for several "
+        "(default: the first 2 eval prompts)",
+    )
+    generate_parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    policy = generate_parser.add_mutually_exclusive_group()
+    policy.add_argument(
+        "--level", type=float,
+        help="calibrated accuracy level (default 0.9 for calibrated heads; uncalibrated heads run at full depth)",
+    )
+    policy.add_argument("--thresholds", nargs="+", type=float, help="explicit thresholds, one per exit (inf: never)")
+    generate_parser.add_argument("--metric", help="confidence metric (default: the calibration's, else max_prob)")
+    generate_parser.add_argument("--min-exit-layer", type=int, help="exits before this layer never emit")
+    generate_parser.add_argument(
+        "--kv-strategy", choices=KV_STRATEGIES, default="deferred",
+        help="how skipped layers' KV cache is filled: deferred (exact, default) or propagate (approximate)",
+    )
+    generate_parser.add_argument("--no-pruning", action="store_true", help="no vocabulary pruning, whatever calibrated")
+    _add_pruning_arguments(generate_parser)
+    generate_parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    generate_parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
+    generate_parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1)")
+    generate_parser.add_argument("--seed", type=int, default=0)
+    generate_parser.add_argument("--plot", type=Path, help="write a PNG histogram of exit layers here")
+    generate_parser.add_argument(
+        "--no-color", action="store_true", help="mark tokens as token[layer] instead of colouring (also: NO_COLOR)"
+    )
+    generate_parser.set_defaults(run=generate)
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
     args.run(args)

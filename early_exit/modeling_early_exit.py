@@ -216,8 +216,7 @@ class EarlyExitForCausalLM(PreTrainedModel):
             generation_config=generation_config,
             logits_processor=logits_processor,
             stopping_criteria=stopping_criteria,
-            streamer=streamer,
-            custom_generate=decoding_function(layerwise),
+            custom_generate=decoding_function(layerwise, streamer),
             **kwargs,
         )
 

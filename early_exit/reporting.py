@@ -148,3 +148,28 @@ def plot_exit_histograms(outcomes: dict[float, PolicyOutcome], exit_layers: list
     axes.set_title(title, fontsize=10)
     axes.legend(fontsize=8)
     return _save(figure, path)
+
+
+def plot_exit_layer_histogram(
+    exit_layers: list[int], exit_positions: list[int], num_layers: int, path: str | os.PathLike, title: str
+) -> Path:
+    """How many generated tokens left at each exit and at full depth, as bars at their layer numbers (PNG to `path`).
+
+    Args:
+        exit_layers: the exit layer of every generated token (`num_layers` for full depth); other values, such as
+            the 0 of rows that had finished, are not counted.
+        exit_positions: the layers with exits, each drawn even when no token left there.
+        num_layers: the model's depth, where full-depth tokens are drawn.
+    """
+    positions = [*exit_positions, num_layers]
+    counts = [sum(layer == position for layer in exit_layers) for position in positions]
+    total = max(sum(counts), 1)
+    figure, axes = _figure()
+    bars = axes.bar(positions, counts, width=0.8, color=["C0"] * len(exit_positions) + ["C7"])
+    axes.bar_label(bars, [f"{100 * count / total:.0f}%" for count in counts], fontsize=8)
+    axes.set_xticks(positions, [str(layer) for layer in exit_positions] + [f"{num_layers}\n(full)"])
+    axes.set_xlim(0, num_layers + 1)
+    axes.set_xlabel(f"exit after layer (of {num_layers})")
+    axes.set_ylabel("generated tokens leaving there")
+    axes.set_title(title, fontsize=10)
+    return _save(figure, path)

@@ -40,7 +40,7 @@ class DecodingStatistics:
         exit_layers: per generated token, (batch,) the layer whose logits chose it (the model's depth for full-depth
             tokens; 0 for rows that had already finished).
         layers_run: per generated token, how many layers the batch ran for it.
-        layer_seconds: time in decoder layers (including deferred positions carried along).
+        layer_seconds: time in decoder layers (including deferred positions carried along by deeper tokens).
         head_seconds: time in exit heads and confidence metrics.
         fill_seconds: time filling skipped layers' caches (state propagation, and the final deferred fill).
     """
@@ -186,10 +186,11 @@ class LayerwiseDecoder:
         exactly what a full forward pass would."""
         if not self.pending:
             return
-        started = time.perf_counter()
+        started, layer_seconds = time.perf_counter(), self.stats.layer_seconds
         attention_mask, position_ids, cache = self._last_inputs
         self._run_layers(None, position_ids.shape[1], attention_mask, position_ids, cache)
         self.stats.fill_seconds += time.perf_counter() - started
+        self.stats.layer_seconds = layer_seconds  # the final fill counts as fill time only
 
     # --- internals -------------------------------------------------------------------------------------------
     def _run_layers(self, hidden, start, attention_mask, position_ids, cache, stop=None):

@@ -50,10 +50,17 @@ def early_exit_sampling(
     streamer: BaseStreamer | None = None,
     *,
     layerwise: LayerwiseDecoder,
+    token_streamer: BaseStreamer | None = None,
     **model_kwargs,
 ) -> EarlyExitGenerateOutput | torch.LongTensor:
     """The decoding function `generate` calls (greedy or multinomial sampling), with `layerwise` choosing each
-    token's exit. `model` is the base model `generate` was called on."""
+    token's exit. `model` is the base model `generate` was called on.
+
+    `generate` keeps its `streamer` from callables passed as `custom_generate`, so the streamer comes as
+    `token_streamer` instead, and this loop also streams the prompt, as `generate` would have."""
+    streamer = streamer or token_streamer
+    if token_streamer is not None:
+        token_streamer.put(input_ids.cpu())
     if generation_config.num_beams > 1:
         raise ValueError("Beam search is not supported with early exits; use greedy decoding or sampling.")
     if synced_gpus:
@@ -120,6 +127,6 @@ def early_exit_sampling(
     )
 
 
-def decoding_function(layerwise: LayerwiseDecoder):
-    """The `custom_generate` callable that makes `base.generate` decode with `layerwise`."""
-    return partial(early_exit_sampling, layerwise=layerwise)
+def decoding_function(layerwise: LayerwiseDecoder, streamer: BaseStreamer | None = None):
+    """The `custom_generate` callable that makes `base.generate` decode with `layerwise`, streaming to `streamer`."""
+    return partial(early_exit_sampling, layerwise=layerwise, token_streamer=streamer)

@@ -1,0 +1,63 @@
+"""`early-exit generate` on the tiny real Llama (stories260k)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+import early_exit
+from early_exit.cli import main
+
+from tiny_models import STORIES260K
+
+pytestmark = pytest.mark.skipif(not STORIES260K.is_dir(), reason="shared/models/stories260k is not beside the checkout")
+
+
+@pytest.fixture
+def heads(tmp_path):
+    """An untrained, uncalibrated heads folder with exits after layers 1, 2 and 3 of the 5."""
+    model = early_exit.add_exit_heads(AutoModelForCausalLM.from_pretrained(STORIES260K), [1, 2, 3])
+    model.config.base_model_name_or_path = str(STORIES260K)
+    model.save_pretrained(tmp_path / "heads")
+    return tmp_path / "heads"
+
+
+def _markers(printed: str) -> list[str]:
+    generated = printed.split("--- prompt 1: Once upon a time\n", 1)[1].split("\n\n", 1)[0]
+    return re.findall(r"\[(\d+)\]", generated)
+
+
+def test_zero_thresholds_send_every_token_out_at_the_first_exit(heads, tmp_path, capsys):
+    plot = tmp_path / "h.png"
+    main([
+        "generate", "--heads", str(heads), "--prompt", "Once upon a time", "--max-new-tokens", "8",
+        "--thresholds", "0.0", "0.0", "0.0", "--no-color", "--plot", str(plot),
+    ])
+    printed = capsys.readouterr().out
+    # The first token comes from the prompt's full-depth pass; max_prob >= 0 holds at exit 1 for every later one.
+    assert _markers(printed) == ["5"] + ["1"] * 7
+    assert re.search(r"^8 tokens, mean exit layer 1\.5 of 5, mean layers run 1\.5, [\d.]+ tokens/s$", printed, re.MULTILINE)
+    assert re.search(r"^time [\d.]+ s: layers [\d.]+ s \(\d+%\), heads [\d.]+ s \(\d+%\), cache fill", printed, re.MULTILINE)
+    assert "\033[" not in printed
+    assert plot.is_file() and plot.stat().st_size > 0
+
+
+def test_without_a_level_or_thresholds_uncalibrated_heads_run_every_token_to_full_depth(heads, capsys, monkeypatch):
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    main(["generate", "--heads", str(heads), "--prompt", "Once upon a time", "--max-new-tokens", "8", "--no-color"])
+    assert _markers(capsys.readouterr().out) == ["5"] * 8
+
+
+def test_colour_is_off_under_no_color_and_on_otherwise(heads, capsys, monkeypatch):
+    arguments = ["generate", "--heads", str(heads), "--prompt", "Once upon a time", "--max-new-tokens", "4",
+                 "--thresholds", "0.0", "0.0", "0.0"]
+    monkeypatch.setenv("NO_COLOR", "1")
+    main(arguments)
+    assert _markers(capsys.readouterr().out) == ["5", "1", "1", "1"]
+    monkeypatch.delenv("NO_COLOR")
+    main(arguments)
+    printed = capsys.readouterr().out
+    assert "\033[38;5;196m" in printed  # exit 1's colour, in the legend and on the generated tokens
+    assert not _markers(printed)
