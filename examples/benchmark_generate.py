@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{label} pruned={prune}: {speed / base_speed:.2f}x, agreement {100 * agreed / total:.1f}%, "
               f"mean exit {exits.mean():.1f}", file=sys.stderr)
 
-    full_cost, pruned_cost = exit_cost(model, (pruning or {}).get("top_k", 512) if pruning else 512)
+    kept = pruning["top_k"] if pruning else 512
+    full_cost, pruned_cost = exit_cost(model, kept)
 
     batch_rows = []
     for batch_size in args.batch_sizes:
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     lines += [
         "",
         f"Scoring one late exit for one token (head, logits, max-prob): full vocabulary {1e3 * full_cost:.2f} ms, "
-        f"pruned to {pruning['top_k'] if pruning else 512} tokens {1e3 * pruned_cost:.2f} ms "
+        f"pruned to {kept} tokens {1e3 * pruned_cost:.2f} ms "
         f"({100 * pruned_cost / full_cost:.0f}% of the full cost).",
         "",
         f"| batch size | base.generate tokens/s | early exit (level {args.batch_level:g}) tokens/s | ratio "

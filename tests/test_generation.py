@@ -160,8 +160,7 @@ def test_propagated_keys_and_values_are_the_layers_own_at_that_position(model_ty
     for index in range(decoder.num_layers):
         caches = [DynamicCache(config=decoder.config), DynamicCache(config=decoder.config)]
         for cache in caches:
-            _, inputs = decoder.start(ids[:, :-1], cache=cache)  # a prefix in the cache
-            hidden_prefix = decoder.embed(ids[:, :-1], inputs.position_ids)
+            hidden_prefix, inputs = decoder.start(ids[:, :-1], cache=cache)  # a prefix in the cache
             for layer in range(decoder.num_layers):
                 hidden_prefix = decoder.layer(layer, hidden_prefix, inputs)
         positions = torch.tensor([[ids.shape[1] - 1]])

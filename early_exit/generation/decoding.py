@@ -115,6 +115,8 @@ class LayerwiseDecoder:
         self.pruner = VocabPruner(policy.vocab_pruning, policy.exit_layers, active[0] if active else 0)
         self.pending = _PendingPositions()
         self.stats = DecodingStatistics()
+        # The mask, positions and cache of the last step, which the final deferred fill runs with.
+        self._last_inputs: tuple | None = None
 
     @property
     def num_layers(self) -> int:
