@@ -175,9 +175,12 @@ class EarlyExitForCausalLM(PreTrainedModel):
         min_exit_layer: int | None = None,
         kv_strategy: str = "deferred",
         vocab_pruning=None,
+        speculative: bool = False,
+        max_draft_tokens: int | None = None,
         **kwargs,
     ):
-        """Generate with early exits: each token leaves at the first exit confident enough, else at the last layer.
+        """Generate with early exits: each token leaves at the first exit confident enough, else at the last layer;
+        or, with `speculative=True`, losslessly: exits only draft tokens, which the full model verifies (DSSD).
 
         Everything `transformers`' `generate` takes works as it does for the base model (`max_new_tokens`,
         `do_sample`, `temperature`, `top_k`, `top_p`, `eos_token_id`, `attention_mask` for left-padded batches,
@@ -195,28 +198,51 @@ class EarlyExitForCausalLM(PreTrainedModel):
                 the exited hidden state, approximate).
             vocab_pruning: a `early_exit.pruning.VocabPruningConfig`, its dict, or a top-k; `None` uses the
                 config's setting, `False` none.
+            speculative: dynamic self-speculative decoding (`early_exit.generation.speculative`): tokens the exits
+                are confident about are drafts, verified together in one full-depth pass that reuses their
+                shallow KV cache. The output is the full model's (greedy: exactly `base.generate`'s; sampling:
+                its distribution); the accuracy level only sets how eagerly and how far to draft.
+            max_draft_tokens: with `speculative`, the most drafts per verification (default 16).
 
         Without `accuracy_level` or `exit_thresholds`, every token runs the whole model and the output is exactly
         `base.generate`'s.
 
         Raises:
             CalibrationError: `accuracy_level` without a calibration for it (metric and pruning).
-            ValueError: conflicting or malformed early-exit arguments, or beam search.
+            ValueError: conflicting or malformed early-exit arguments, beam search, or (speculative) a KV strategy
+                other than "deferred", a negative `max_draft_tokens`, or a batch the model's cache cannot serve.
         """
         # Imported here: the generation package builds on calibration, which imports this module.
-        from .generation import LayerwiseDecoder, decoding_function, resolve_exit_policy
+        from .generation import (
+            DEFAULT_MAX_DRAFT_TOKENS, LayerwiseDecoder, decoding_function, resolve_exit_policy,
+            speculative_decoding_function,
+        )
 
         policy = resolve_exit_policy(
             self.config, self.decoder.num_layers, accuracy_level, exit_thresholds, confidence_metric,
             min_exit_layer, vocab_pruning,
         )
         layerwise = LayerwiseDecoder(self, policy, kv_strategy)
+        if speculative:
+            if kv_strategy != "deferred":
+                raise ValueError(
+                    "Self-speculative decoding reuses the drafts' exact KV cache; it only runs with "
+                    f"kv_strategy='deferred', not {kv_strategy!r}."
+                )
+            max_draft_tokens = DEFAULT_MAX_DRAFT_TOKENS if max_draft_tokens is None else max_draft_tokens
+            if max_draft_tokens < 0:
+                raise ValueError(f"max_draft_tokens must be 0 or more, got {max_draft_tokens}.")
+            decode = speculative_decoding_function(layerwise, max_draft_tokens, streamer)
+        elif max_draft_tokens is not None:
+            raise ValueError("max_draft_tokens only applies with speculative=True.")
+        else:
+            decode = decoding_function(layerwise, streamer)
         return self.base.generate(
             inputs,
             generation_config=generation_config,
             logits_processor=logits_processor,
             stopping_criteria=stopping_criteria,
-            custom_generate=decoding_function(layerwise, streamer),
+            custom_generate=decode,
             **kwargs,
         )
 

@@ -158,16 +158,7 @@ class LayerwiseDecoder:
             (batch, vocab) logits for the next token: the exit's (-inf outside the kept tokens when the vocabulary
             was pruned) or the final layer's.
         """
-        end = position_ids.shape[1]
-        hidden = self.decoder.embed(input_ids, position_ids[:, -1:])
-        batch = input_ids.shape[0]
-        search = _ExitSearch(
-            decided=~unfinished.bool(),
-            exit_layers=torch.zeros(batch, dtype=torch.long, device=input_ids.device),
-        )
-        hidden, layers, inputs = self._run_layers(
-            hidden, end - 1, attention_mask, position_ids, cache, stop=lambda layer, chunk: self._exit(layer, chunk, search)
-        )
+        search, chunk, layers, inputs = self._search(input_ids, attention_mask, position_ids, cache, unfinished)
         if layers < self.num_layers and self.kv_strategy == "propagate":
             started = time.perf_counter()
             newest = self.pending.take(layers)[1]
@@ -175,12 +166,45 @@ class LayerwiseDecoder:
                 self.decoder.propagate_kv(index, newest, inputs)
             self.stats.fill_seconds += time.perf_counter() - started
         if layers == self.num_layers:
-            final = self.decoder.unembed(self.decoder.norm(hidden[:, -1:]))[:, 0]
+            final = self.decoder.unembed(self.decoder.norm(chunk[:, -1:]))[:, 0]
             self._decide(search, ~search.decided, final, self.num_layers)
-        self.stats.exit_layers.append(search.exit_layers)
-        self.stats.layers_run.append(layers)
-        self._last_inputs = (attention_mask, position_ids, cache)
         return search.logits
+
+    @torch.no_grad()
+    def draft(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor,
+        cache: Cache,
+        unfinished: torch.Tensor,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """One step of self-speculative drafting (deferred cache only): run the newest token until every unfinished
+        row's exit is confident, or, when some row's never is, on to full depth, carrying every pending position.
+
+        Returns:
+            `(exit logits, None)` for a draft, (batch, vocab) as `step` returns them; or `(None, final logits)`
+            when the pass reached full depth: (batch, positions, vocab) for every position that was pending, in
+            order, the newest last. That pass verifies all of them at once.
+        """
+        search, chunk, layers, _ = self._search(input_ids, attention_mask, position_ids, cache, unfinished)
+        if layers < self.num_layers:
+            return search.logits, None
+        return None, self.decoder.unembed(self.decoder.norm(chunk))
+
+    @torch.no_grad()
+    def verify(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor,
+        cache: Cache,
+    ) -> torch.Tensor:
+        """Run the newest token (`input_ids`, (batch, 1)) and every pending position through the whole model in one
+        pass; returns their final logits, (batch, positions, vocab), the newest last."""
+        hidden = self.decoder.embed(input_ids, position_ids[:, -1:])
+        chunk, _, _ = self._run_layers(hidden, position_ids.shape[1] - 1, attention_mask, position_ids, cache)
+        return self.decoder.unembed(self.decoder.norm(chunk))
 
     @torch.no_grad()
     def finish(self) -> None:
@@ -195,6 +219,26 @@ class LayerwiseDecoder:
         self.stats.layer_seconds = layer_seconds  # the final fill counts as fill time only
 
     # --- internals -------------------------------------------------------------------------------------------
+    def _search(self, input_ids, attention_mask, position_ids, cache, unfinished):
+        """Run the newest token through the layers until every unfinished row has decided at an exit, or to full
+        depth. Returns the search, the chunk's hidden state, the layers run and the layer inputs last used."""
+        end = position_ids.shape[1]
+        hidden = self.decoder.embed(input_ids, position_ids[:, -1:])
+        batch = input_ids.shape[0]
+        search = _ExitSearch(
+            decided=~unfinished.bool(),
+            exit_layers=torch.zeros(batch, dtype=torch.long, device=input_ids.device),
+        )
+        chunk, layers, inputs = self._run_layers(
+            hidden, end - 1, attention_mask, position_ids, cache, stop=lambda layer, chunk: self._exit(layer, chunk, search)
+        )
+        if layers == self.num_layers:
+            search.exit_layers[~search.decided] = self.num_layers
+        self.stats.exit_layers.append(search.exit_layers)
+        self.stats.layers_run.append(layers)
+        self._last_inputs = (attention_mask, position_ids, cache)
+        return search, chunk, layers, inputs
+
     def _run_layers(self, hidden, start, attention_mask, position_ids, cache, stop=None):
         """Run the positions from `start` on (entering layer 0 as `hidden`, or none) through the layers, picking up
         pending positions at the layers they stopped before. Returns the chunk's hidden state, the number of layers

@@ -59,25 +59,14 @@ def early_exit_sampling(
     `generate` keeps its `streamer` from callables passed as `custom_generate`, so the streamer comes as
     `token_streamer` instead, and this loop also streams the prompt, as `generate` would have."""
     streamer = streamer or token_streamer
+    attention_mask, position_ids, cache = start_decoding(model, input_ids, generation_config, synced_gpus, model_kwargs)
     if token_streamer is not None:
         token_streamer.put(input_ids.cpu())
-    if generation_config.num_beams > 1:
-        raise ValueError("Beam search is not supported with early exits; use greedy decoding or sampling.")
-    if synced_gpus:
-        raise ValueError("Early-exit decoding does not support synced_gpus (DeepSpeed ZeRO-3 / FSDP generation).")
     pad_token_id = generation_config._pad_token_tensor
     has_eos_stopping_criteria = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
     return_dict = generation_config.return_dict_in_generate
     scores = () if return_dict and generation_config.output_scores else None
     raw_logits = () if return_dict and generation_config.output_logits else None
-
-    attention_mask = model_kwargs.get("attention_mask")
-    position_ids = model_kwargs.get("position_ids")
-    if position_ids is None:
-        position_ids = model._prepare_position_ids_for_generation(input_ids, {"attention_mask": attention_mask})
-    cache = model_kwargs.get("past_key_values")
-    if cache is None:
-        cache = DynamicCache(config=model.config)
     if pad_token_id is not None:
         pad_token_id = pad_token_id.to(input_ids.device)
 
@@ -125,6 +114,25 @@ def early_exit_sampling(
         head_seconds=stats.head_seconds,
         fill_seconds=stats.fill_seconds,
     )
+
+
+def start_decoding(
+    model, input_ids: torch.LongTensor, generation_config: GenerationConfig, synced_gpus: bool, model_kwargs: dict
+) -> tuple[torch.Tensor | None, torch.LongTensor, DynamicCache]:
+    """What a decoding loop starts from: the attention mask (`None` when nothing is padded), the position ids of
+    the prompt (left padding counted as `generate` counts it) and the cache. Refuses what no loop here supports."""
+    if generation_config.num_beams > 1:
+        raise ValueError("Beam search is not supported with early exits; use greedy decoding or sampling.")
+    if synced_gpus:
+        raise ValueError("Early-exit decoding does not support synced_gpus (DeepSpeed ZeRO-3 / FSDP generation).")
+    attention_mask = model_kwargs.get("attention_mask")
+    position_ids = model_kwargs.get("position_ids")
+    if position_ids is None:
+        position_ids = model._prepare_position_ids_for_generation(input_ids, {"attention_mask": attention_mask})
+    cache = model_kwargs.get("past_key_values")
+    if cache is None:
+        cache = DynamicCache(config=model.config)
+    return attention_mask, position_ids, cache
 
 
 def decoding_function(layerwise: LayerwiseDecoder, streamer: BaseStreamer | None = None):
