@@ -399,7 +399,8 @@ def _token_texts(tokenizer: PreTrainedTokenizerBase, context_id: int, token_ids:
 
 def generate(args: argparse.Namespace) -> None:
     """Generate from prompts with early exits, printing each token coloured by (or marked with) the layer it left
-    at, and where the time went; optionally plot a histogram of exit layers."""
+    at, and where the time went; optionally plot a histogram of exit layers. With `--speculative`, print the text
+    (every token is the full model's) and how many drafts were accepted instead."""
     from .calibration.calibrate import CalibrationError
 
     heads = args.heads or SHIPPED_HEADS
@@ -408,6 +409,10 @@ def generate(args: argparse.Namespace) -> None:
     pruning = _vocab_pruning(args)
     if args.no_pruning and pruning is not None:
         raise SystemExit("--no-pruning and --prune-top-k contradict each other; give one.")
+    if not args.speculative and args.max_draft_tokens is not None:
+        raise SystemExit("--max-draft-tokens only applies with --speculative.")
+    if args.speculative and args.plot:
+        raise SystemExit("--plot draws exit layers; with --speculative every token is the full model's.")
     model = EarlyExitForCausalLM.from_pretrained(heads).eval()
     tokenizer = _tokenizer(model)
     num_layers = model.decoder.num_layers
@@ -422,13 +427,16 @@ def generate(args: argparse.Namespace) -> None:
     colors = {layer: _EXIT_COLORS[index % len(_EXIT_COLORS)] for index, layer in enumerate(model.exit_layers)}
     if level is None and args.thresholds is None:
         print("no --level or --thresholds and the heads are not calibrated: every token runs to full depth")
-    if color:
+    if args.speculative:
+        print("self-speculative decoding: exits draft tokens, the full model verifies them (its output is kept)")
+    elif color:
         legend = " ".join(_paint(f"exit {layer}", colors[layer]) for layer in model.exit_layers)
         print(f"exit layer colours: {legend} full depth ({num_layers})")
     else:
         print(f"token[layer]: the layer whose logits chose the token ({num_layers} = full depth)")
     torch.manual_seed(args.seed)
     sampling = {"temperature": args.temperature, "top_p": args.top_p} if args.sample else {}
+    speculative = {"speculative": True, "max_draft_tokens": args.max_draft_tokens} if args.speculative else {}
     all_exits: list[int] = []
     for number, prompt in enumerate(prompts, 1):
         encoded = tokenizer(format_prompt(prompt, tokenizer), return_tensors="pt", add_special_tokens=False)
@@ -440,11 +448,20 @@ def generate(args: argparse.Namespace) -> None:
                     pad_token_id=tokenizer.pad_token_id, accuracy_level=level, exit_thresholds=args.thresholds,
                     confidence_metric=args.metric, min_exit_layer=args.min_exit_layer, kv_strategy=args.kv_strategy,
                     vocab_pruning=False if args.no_pruning else pruning, do_sample=args.sample, **sampling,
+                    **speculative,
                 )
-        except CalibrationError as error:
+        except (CalibrationError, ValueError) as error:
             raise SystemExit(str(error)) from error
         seconds = time.perf_counter() - started
         new_ids = output.sequences[0, encoded["input_ids"].shape[1]:].tolist()
+        if args.speculative:
+            print(f"\n--- prompt {number}: {prompt['text']}\n{tokenizer.decode(new_ids)}\n")
+            print(
+                f"{len(new_ids)} tokens, {output.tokens_per_full_pass:.2f} tokens per full pass, "
+                f"{output.accepted.sum()} of {output.drafted.sum()} drafts accepted, "
+                f"{len(new_ids) / seconds:.1f} tokens/s"
+            )
+            continue
         exits = output.exit_layers[0].tolist()
         texts = _token_texts(tokenizer, encoded["input_ids"][0, -1].item(), new_ids)
         if color:
@@ -570,6 +587,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     generate_parser.add_argument("--no-pruning", action="store_true", help="no vocabulary pruning, whatever calibrated")
     _add_pruning_arguments(generate_parser)
+    generate_parser.add_argument(
+        "--speculative", action="store_true",
+        help="self-speculative decoding (DSSD): exits draft, the full model verifies; output is the full model's",
+    )
+    generate_parser.add_argument("--max-draft-tokens", type=int, help="with --speculative: most drafts per verification")
     generate_parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     generate_parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
     generate_parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1)")

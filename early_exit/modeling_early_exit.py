@@ -202,7 +202,7 @@ class EarlyExitForCausalLM(PreTrainedModel):
                 are confident about are drafts, verified together in one full-depth pass that reuses their
                 shallow KV cache. The output is the full model's (greedy: exactly `base.generate`'s; sampling:
                 its distribution); the accuracy level only sets how eagerly and how far to draft.
-            max_draft_tokens: with `speculative`, the most drafts per verification (default 16).
+            max_draft_tokens: with `speculative`, the most drafts per verification (default 8).
 
         Without `accuracy_level` or `exit_thresholds`, every token runs the whole model and the output is exactly
         `base.generate`'s.

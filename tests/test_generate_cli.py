@@ -61,3 +61,23 @@ def test_colour_is_off_under_no_color_and_on_otherwise(heads, capsys, monkeypatc
     printed = capsys.readouterr().out
     assert "\033[38;5;196m" in printed  # exit 1's colour, in the legend and on the generated tokens
     assert not _markers(printed)
+
+
+def test_speculative_prints_the_full_models_text_and_the_drafts_accepted(heads, capsys):
+    prompt = ["generate", "--heads", str(heads), "--prompt", "Once upon a time", "--max-new-tokens", "12"]
+    main([*prompt, "--no-color"])
+    full_depth = capsys.readouterr().out.split("--- prompt 1: Once upon a time\n", 1)[1].split("\n\n", 1)[0]
+    main([*prompt, "--thresholds", "0.0", "0.0", "0.0", "--speculative", "--max-draft-tokens", "3"])
+    printed = capsys.readouterr().out
+    text = printed.split("--- prompt 1: Once upon a time\n", 1)[1].split("\n\n", 1)[0]
+    assert text == re.sub(r"\[\d+\]", "", full_depth)  # drafts from exit 1 change nothing in the output
+    accepted, drafted = map(int, re.search(r"(\d+) of (\d+) drafts accepted", printed).groups())
+    assert drafted > 0 and accepted <= drafted
+
+
+def test_speculative_options_that_do_not_fit_are_refused(heads):
+    with pytest.raises(SystemExit, match="only applies with --speculative"):
+        main(["generate", "--heads", str(heads), "--max-draft-tokens", "3"])
+    with pytest.raises(SystemExit, match="kv_strategy='deferred'"):
+        main(["generate", "--heads", str(heads), "--speculative", "--kv-strategy", "propagate", "--thresholds",
+              "0.5", "0.5", "0.5"])

@@ -40,7 +40,7 @@ from .decoding import LayerwiseDecoder
 from .generate import start_decoding
 
 #: Drafts per cycle unless `generate` is told otherwise; the exits' confidence usually ends a draft sooner.
-DEFAULT_MAX_DRAFT_TOKENS = 16
+DEFAULT_MAX_DRAFT_TOKENS = 8
 
 
 @dataclass
