@@ -232,8 +232,6 @@ class LayerwiseDecoder:
         chunk, layers, inputs = self._run_layers(
             hidden, end - 1, attention_mask, position_ids, cache, stop=lambda layer, chunk: self._exit(layer, chunk, search)
         )
-        if layers == self.num_layers:
-            search.exit_layers[~search.decided] = self.num_layers
         self.stats.exit_layers.append(search.exit_layers)
         self.stats.layers_run.append(layers)
         self._last_inputs = (attention_mask, position_ids, cache)
