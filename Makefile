@@ -45,5 +45,8 @@ calibration: $(STAMP)
 info: $(STAMP)
 	$(BIN)/early-exit info
 
+# Lint and format checks first (seconds), then the suite.
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q

@@ -7,15 +7,11 @@ import os
 from huggingface_hub import HfApi
 
 from .checkpoint import BASE_ADAPTER_DIR, MODEL_CARD_NAME, WEIGHTS_NAME
-from .errors import EarlyExitError
+from .errors import HubUnreachableError
 
 #: The files of a heads folder that are uploaded (with the base's jointly trained PEFT adapter, if there is one);
 #: anything else in the folder (logs, notes, trainer checkpoints) stays local.
 HEAD_FILES = ["config.json", WEIGHTS_NAME, MODEL_CARD_NAME, f"{BASE_ADAPTER_DIR}/*"]
-
-
-class HubUnreachableError(EarlyExitError, ConnectionError):
-    """The Hub could not be reached (no network, or offline mode)."""
 
 
 def _is_network_failure(error: BaseException) -> bool:

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import LogitsProcessorList, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+from transformers.generation.utils import GenerateOutput
 from transformers.utils import ModelOutput, cached_file, logging
 
 from .architectures import DecoderAdapter, get_decoder_adapter, unwrap_model
@@ -29,7 +32,8 @@ from .checkpoint import (
 from .configuration_early_exit import EarlyExitConfig
 from .default_model import load_base_model
 from .errors import CheckpointError, HeadMismatchError
-from .heads import build_head
+from .generation import ExitDecodingConfig, generate_with_exits
+from .heads import build_head, exit_logits
 from .hub import upload_heads
 
 logger = logging.get_logger(__name__)
@@ -100,6 +104,21 @@ class EarlyExitForCausalLM(PreTrainedModel):
         """Layer numbers after which the exits sit (an exit after layer `l` sees `l` decoder layers)."""
         return list(self.config.exit_layers)
 
+    @property
+    def num_layers(self) -> int:
+        """The base model's number of decoder layers (its full depth)."""
+        return self.decoder.num_layers
+
+    @property
+    def hidden_size(self) -> int:
+        """The width of the hidden states the heads read."""
+        return self.decoder.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        """The number of tokens the LM head scores."""
+        return self.decoder.vocab_size
+
     def initialize_weights(self) -> None:
         """Do nothing: heads initialise themselves when built, and the base arrives trained. (transformers' default
         would walk into the base and re-initialise whatever is not marked as loaded, such as a PEFT model's LoRA.)"""
@@ -133,7 +152,7 @@ class EarlyExitForCausalLM(PreTrainedModel):
         for layer, hidden in self.iter_layers(input_ids, attention_mask, position_ids, past_key_values):
             if str(layer) in self.exit_heads:
                 exit_logits.append(self.exit_logits_at(layer, hidden))
-        logits = self.decoder.unembed(self.decoder.norm(hidden))
+        logits = self.final_logits(hidden)
         return EarlyExitCausalLMOutput(logits=logits, exit_logits=tuple(exit_logits), past_key_values=past_key_values)
 
     def iter_layers(
@@ -152,33 +171,29 @@ class EarlyExitForCausalLM(PreTrainedModel):
             hidden = self.decoder.layer(index, hidden, inputs)
             yield index + 1, hidden
 
-    def exit_logits_at(
-        self, layer: int, hidden: torch.Tensor, token_ids: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def exit_logits_at(self, layer: int, hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The logits of the exit after `layer`, from the hidden state after that layer (batch, seq, hidden); with
         `token_ids` (batch, seq, k), only those tokens' logits (vocabulary pruning)."""
-        head = self.exit_heads[str(layer)]
-        # Heads written without vocabulary pruning in mind take two arguments; they still work unpruned.
-        return head(hidden, self.decoder) if token_ids is None else head(hidden, self.decoder, token_ids)
+        return exit_logits(self.exit_heads[str(layer)], hidden, self.decoder, token_ids)
+
+    def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The base model's own logits from the hidden state after its last layer (final norm, then LM head)."""
+        return self.decoder.final_logits(hidden)
+
+    def heads_by_layer(self) -> dict[int, nn.Module]:
+        """The exit heads keyed by the layer number they sit after."""
+        return {int(layer): head for layer, head in self.exit_heads.items()}
 
     def generate(
         self,
         inputs: torch.LongTensor | None = None,
-        generation_config=None,
-        logits_processor=None,
-        stopping_criteria=None,
-        streamer=None,
-        *,
-        accuracy_level: float | None = None,
-        exit_thresholds: list[float | None] | None = None,
-        confidence_metric=None,
-        min_exit_layer: int | None = None,
-        kv_strategy: str = "deferred",
-        vocab_pruning=None,
-        speculative: bool = False,
-        max_draft_tokens: int | None = None,
+        generation_config: GenerationConfig | None = None,
+        logits_processor: LogitsProcessorList | None = None,
+        stopping_criteria: StoppingCriteriaList | None = None,
+        streamer: BaseStreamer | None = None,
+        exit_config: ExitDecodingConfig | None = None,
         **kwargs,
-    ):
+    ) -> GenerateOutput | torch.LongTensor:
         """Generate with early exits: each token leaves at the first exit confident enough, else at the last layer;
         or, with `speculative=True`, losslessly: exits only draft tokens, which the full model verifies (DSSD).
 
@@ -186,67 +201,35 @@ class EarlyExitForCausalLM(PreTrainedModel):
         `do_sample`, `temperature`, `top_k`, `top_p`, `eos_token_id`, `attention_mask` for left-padded batches,
         `logits_processor`, `stopping_criteria`, `streamer`, `return_dict_in_generate`, ...); beam search does not.
         With `return_dict_in_generate=True` the output also says where each token left and where the time went
-        (`early_exit.generation.EarlyExitGenerateOutput`).
+        (`early_exit.generation.EarlyExitGenerateOutput`, or `SpeculativeGenerateOutput`).
 
-        Args:
-            accuracy_level: the share of tokens that must equal the full model's (e.g. 0.95); the thresholds come
-                from the heads' calibration table.
-            exit_thresholds: explicit per-exit thresholds instead (`None` for an exit that never emits).
-            confidence_metric: a registered metric name (default: the calibration's default metric).
-            min_exit_layer: exits before this layer never emit.
-            kv_strategy: "deferred" (skipped layers' cache filled exactly, later) or "propagate" (computed from
-                the exited hidden state, approximate).
-            vocab_pruning: a `early_exit.pruning.VocabPruningConfig`, its dict, or a top-k; `None` uses the
-                config's setting, `False` none.
-            speculative: dynamic self-speculative decoding (`early_exit.generation.speculative`): tokens the exits
-                are confident about are drafts, verified together in one full-depth pass that reuses their
-                shallow KV cache. The output is the full model's (greedy: exactly `base.generate`'s; sampling:
-                its distribution); the accuracy level only sets how eagerly and how far to draft.
-            max_draft_tokens: with `speculative`, the most drafts per verification (default 8).
-
-        Without `accuracy_level` or `exit_thresholds`, every token runs the whole model and the output is exactly
-        `base.generate`'s.
+        The early-exit options are the fields of `early_exit.generation.ExitDecodingConfig`, given as keyword
+        arguments (`accuracy_level=0.95`, `exit_thresholds=[...]`, `confidence_metric`, `min_exit_layer`,
+        `kv_strategy`, `vocab_pruning`, `speculative`, `max_draft_tokens`) or as one `exit_config`; keywords
+        override the `exit_config`'s fields. Without `accuracy_level` or `exit_thresholds`, every token runs the
+        whole model and the output is exactly `base.generate`'s.
 
         Raises:
+            InvalidOptionError: a malformed or contradictory early-exit option (a `ValueError` and `TypeError`).
             CalibrationError: `accuracy_level` without a calibration for it (metric and pruning).
-            ValueError: conflicting or malformed early-exit arguments, beam search, or (speculative) a KV strategy
-                other than "deferred", a negative `max_draft_tokens`, or a batch the model's cache cannot serve.
+            ValueError: beam search, or (speculative) a batch the model's cache cannot serve.
         """
-        # Imported here: the generation package builds on calibration, which imports this module.
-        from .generation import (
-            DEFAULT_MAX_DRAFT_TOKENS, LayerwiseDecoder, decoding_function, resolve_exit_policy,
-            speculative_decoding_function,
-        )
-
-        policy = resolve_exit_policy(
-            self.config, self.decoder.num_layers, accuracy_level, exit_thresholds, confidence_metric,
-            min_exit_layer, vocab_pruning,
-        )
-        layerwise = LayerwiseDecoder(self, policy, kv_strategy)
-        if speculative:
-            if kv_strategy != "deferred":
-                raise ValueError(
-                    "Self-speculative decoding reuses the drafts' exact KV cache; it only runs with "
-                    f"kv_strategy='deferred', not {kv_strategy!r}."
-                )
-            max_draft_tokens = DEFAULT_MAX_DRAFT_TOKENS if max_draft_tokens is None else max_draft_tokens
-            if max_draft_tokens < 0:
-                raise ValueError(f"max_draft_tokens must be 0 or more, got {max_draft_tokens}.")
-            decode = speculative_decoding_function(layerwise, max_draft_tokens, streamer)
-        elif max_draft_tokens is not None:
-            raise ValueError("max_draft_tokens only applies with speculative=True.")
-        else:
-            decode = decoding_function(layerwise, streamer)
-        return self.base.generate(
+        options = ExitDecodingConfig.pop_from(kwargs, exit_config)
+        return generate_with_exits(
+            self.base,
+            self.decoder,
+            self.heads_by_layer(),
+            self.config,
+            options,
             inputs,
-            generation_config=generation_config,
-            logits_processor=logits_processor,
-            stopping_criteria=stopping_criteria,
-            custom_generate=decode,
+            generation_config,
+            logits_processor,
+            stopping_criteria,
+            streamer,
             **kwargs,
         )
 
-    def train(self, mode: bool = True) -> "EarlyExitForCausalLM":
+    def train(self, mode: bool = True) -> EarlyExitForCausalLM:
         """Set training mode; a frozen base stays in eval mode, so its dropout never perturbs the heads' targets."""
         super().train(mode)
         if unwrap_model(self.base) is self.base:
@@ -265,8 +248,9 @@ class EarlyExitForCausalLM(PreTrainedModel):
         """Save the head weights, the config and a model card to `save_directory`, atomically.
 
         The base model is not saved: the config names it. If the base is a PEFT `PeftModel` (joint tuning), its
-        adapter is saved too, in the `base_adapter` subfolder, and is applied again on loading. If the save fails, whatever `save_directory` held before
-        is left untouched. `state_dict` (as `Trainer` passes it) may hold the whole model; only heads are kept.
+        adapter is saved too, in the `base_adapter` subfolder, and is applied again on loading. If the save fails,
+        whatever `save_directory` held before is left untouched. `state_dict` (as `Trainer` passes it) may hold the
+        whole model; only heads are kept.
         With `push_to_hub=True` the saved folder is then uploaded to `repo_id` (default: the folder's name); the
         keyword arguments of `early_exit.hub.upload_heads` are passed on. Other keyword arguments of
         `PreTrainedModel.save_pretrained` such as `safe_serialization` are accepted and ignored (heads are always
@@ -324,7 +308,7 @@ class EarlyExitForCausalLM(PreTrainedModel):
         config: EarlyExitConfig | None = None,
         base_model: nn.Module | None = None,
         **kwargs,
-    ) -> "EarlyExitForCausalLM":
+    ) -> EarlyExitForCausalLM:
         """Load heads from a folder or Hub repo, and the base model their config names.
 
         Args:
@@ -345,9 +329,7 @@ class EarlyExitForCausalLM(PreTrainedModel):
         source = str(pretrained_model_name_or_path)
         if config is None:
             config = EarlyExitConfig.from_pretrained(source, **hub_kwargs)
-        weights_file = cached_file(
-            source, WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs
-        )
+        weights_file = cached_file(source, WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
         if weights_file is None:
             raise CheckpointError(
                 f"{source} has a config but no {WEIGHTS_NAME}: the checkpoint is partial. Save the heads again."

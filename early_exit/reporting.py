@@ -1,20 +1,16 @@
-"""Reports on trained heads: held-out agreement by layer, as a Markdown table and a plot."""
+"""Reports: held-out agreement of heads and calibration results, as Markdown pages and plots."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from torch.utils.data import DataLoader
 import numpy
-from tqdm.auto import tqdm
 
-from .calibration import PolicyOutcome
-from .evaluation import ExitAgreement
-from .modeling_early_exit import EarlyExitForCausalLM
-from .training import DistillationCollator
+from .calibration import CalibrationTable, ExitScores, PolicyOutcome
+from .training import ExitAgreement
 
 
 @dataclass
@@ -24,21 +20,6 @@ class AgreementCurve:
     label: str
     result: ExitAgreement
     parameters: int = 0
-
-
-@torch.no_grad()
-def held_out_agreement(
-    model: EarlyExitForCausalLM, dataset: torch.utils.data.Dataset, batch_size: int = 4, bf16: bool = False
-) -> ExitAgreement:
-    """Each exit's top-1 agreement with (and KL from) the final layer over every position of `dataset`'s blocks."""
-    result = ExitAgreement(model.exit_layers, model.decoder.num_layers)
-    model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=DistillationCollator())
-    for batch in tqdm(loader, desc="held-out agreement", disable=None):
-        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
-            output = model(batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        result.add(output.exit_logits, output.logits, batch["attention_mask"].bool())
-    return result
 
 
 def agreement_table(curves: list[AgreementCurve]) -> str:
@@ -57,7 +38,9 @@ def agreement_table(curves: list[AgreementCurve]) -> str:
                 cells += ["", ""]
         rows.append(f"| {layer} | " + " | ".join(cells) + " |")
     oracle_cells = [cell for curve in curves for cell in (f"{curve.result.oracle_mean_layers:.1f}", "")]
-    oracle = "| oracle: mean layers if each token left at its earliest agreeing exit | " + " | ".join(oracle_cells) + " |"
+    oracle = (
+        "| oracle: mean layers if each token left at its earliest agreeing exit | " + " | ".join(oracle_cells) + " |"
+    )
     return "\n".join([header, rule, *rows, oracle])
 
 
@@ -123,6 +106,7 @@ def plot_accuracy_against_depth(
     axes.set_xlabel(f"average layers per token (of {num_layers})")
     axes.set_ylabel("agreement with the full model (%)")
     axes.grid(alpha=0.3)
+
     def invert(values):  # layers <-> speedup, safe at 0 where matplotlib probes the axis ends
         return num_layers / numpy.clip(values, 1e-6, None)
 
@@ -133,7 +117,9 @@ def plot_accuracy_against_depth(
     return _save(figure, path)
 
 
-def plot_exit_histograms(outcomes: dict[float, PolicyOutcome], exit_layers: list[int], path: str | os.PathLike, title: str) -> Path:
+def plot_exit_histograms(
+    outcomes: dict[float, PolicyOutcome], exit_layers: list[int], path: str | os.PathLike, title: str
+) -> Path:
     """For each accuracy level, the share of tokens leaving at each exit (and at full depth), as grouped bars."""
     figure, axes = _figure()
     labels = [str(layer) for layer in exit_layers] + ["full"]
@@ -173,3 +159,87 @@ def plot_exit_layer_histogram(
     axes.set_ylabel("generated tokens leaving there")
     axes.set_title(title, fontsize=10)
     return _save(figure, path)
+
+
+def heads_report(
+    base_model: str, curves: list[AgreementCurve], tokens: int, command: str, plot: Path, trainings: dict[str, dict]
+) -> str:
+    """The Markdown page of `early-exit report`: agreement by layer of each heads folder against the logit lens,
+    with how each was trained (`trainings`: folder name -> its config's `training` record)."""
+    lines = [
+        f"# Held-out agreement of exit heads: {base_model}",
+        "",
+        f"Top-1 agreement of each exit with the final layer, and KL(final || exit), on {tokens} tokens "
+        "of the `eval` split (Python library modules and project prompts that training never sees; the model's own "
+        "answers to the eval prompts included). Written by:",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        f"![agreement by layer]({plot.name})",
+        "",
+        agreement_table(curves),
+        "",
+    ]
+    for name, training in trainings.items():
+        lines += [f"## How `{name}` was trained", ""]
+        lines += [f"- {key}: {value}" for key, value in training.items() if "agreement" not in key] + [""]
+    return "\n".join(lines)
+
+
+def calibration_table(tables: Sequence[CalibrationTable], scores: ExitScores, levels: Sequence[float]) -> str:
+    """A Markdown table: per calibrated table, each exit's AUROC and each level's agreement and mean depth."""
+    header = (
+        "| metric | AUROC per exit ("
+        + ", ".join(map(str, scores.exit_layers))
+        + ") | "
+        + " | ".join(f"level {level:g}: agreement / layers" for level in levels)
+        + " |"
+    )
+    lines = [header, "| --- | --- |" + " ---: |" * len(levels)]
+    for table in tables:
+        separation = ", ".join(f"{value:.2f}" for value in scores.separation(table.metric))
+        cells = [
+            f"{100 * table.levels[level].accuracy:.1f}% / {table.levels[level].mean_layers:.1f}" for level in levels
+        ]
+        lines.append(f"| {table.key} | {separation} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def calibration_report(
+    base_model: str,
+    heads_name: str,
+    scores: ExitScores,
+    method: str,
+    command: str,
+    table: str,
+    default_metric: str,
+    middle_level: float,
+    plots: Sequence[Path],
+) -> str:
+    """The Markdown page of `early-exit calibrate --report`: the calibration table and its plots (accuracy against
+    depth, then exit layers by level)."""
+    return "\n".join(
+        [
+            f"# Calibration: {base_model}, heads `{heads_name}`",
+            "",
+            f"{scores.num_tokens} tokens of the `calibration` split (data hash {scores.data_hash}), method: {method}. "
+            "Agreement is the share of tokens whose emitted token equals the full model's on the same prefix; "
+            "layers is the average depth per token. AUROC says how well a metric tells an exit's right tokens "
+            "from its wrong ones. Written by:",
+            "",
+            "```bash",
+            command,
+            "```",
+            "",
+            table,
+            "",
+            f"Default metric: **{default_metric}** (fewest layers at level {middle_level:g}).",
+            "",
+            f"![accuracy against depth]({plots[0].name})",
+            "",
+            f"![exit layers by level]({plots[1].name})",
+            "",
+        ]
+    )

@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from early_exit import EarlyExitForCausalLM  # noqa: E402
+from early_exit import EarlyExitForCausalLM, ExitDecodingConfig  # noqa: E402
 from early_exit.data import format_prompt, load_prompts  # noqa: E402
 from early_exit.default_model import load_base_tokenizer  # noqa: E402
 
@@ -44,8 +44,9 @@ def timed(generate, batches: list[dict], max_new_tokens: int, **kwargs) -> tuple
     outputs, tokens, seconds = [], 0, 0.0
     for batch in batches:
         started = time.perf_counter()
-        output = generate(**batch, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
-                          **kwargs)
+        output = generate(
+            **batch, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False, **kwargs
+        )
         seconds += time.perf_counter() - started
         sequences = output.sequences if hasattr(output, "sequences") else output
         tokens += (sequences.shape[1] - batch["input_ids"].shape[1]) * sequences.shape[0]
@@ -68,8 +69,8 @@ def exit_cost(model: EarlyExitForCausalLM, top_k: int, repeats: int = 200) -> tu
     """Seconds to score one late exit (head, logits and max-prob) for one token, over the full vocabulary and
     over `top_k` pruned tokens."""
     layer = model.exit_layers[-1]
-    hidden = torch.randn(1, 1, model.decoder.hidden_size)
-    token_ids = torch.randperm(model.decoder.vocab_size)[:top_k].view(1, 1, -1)
+    hidden = torch.randn(1, 1, model.hidden_size)
+    token_ids = torch.randperm(model.vocab_size)[:top_k].view(1, 1, -1)
     costs = []
     for ids in (None, token_ids):
         for _ in range(10):
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     prompts = load_prompts("eval")[: args.prompts]
     batches = encode(tokenizer, prompts)
     pad = dict(pad_token_id=tokenizer.pad_token_id)
-    num_layers = model.decoder.num_layers
+    num_layers = model.num_layers
     eos = model.base.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
 
@@ -112,8 +113,12 @@ def main(argv: list[str] | None = None) -> None:
     ]
     for label, level, prune in settings:
         speed, outputs = timed(
-            model.generate, batches, args.max_new_tokens, accuracy_level=level, vocab_pruning=None if prune else False,
-            return_dict_in_generate=True, **pad,
+            model.generate,
+            batches,
+            args.max_new_tokens,
+            exit_config=ExitDecodingConfig(accuracy_level=level, vocab_pruning=None if prune else False),
+            return_dict_in_generate=True,
+            **pad,
         )
         agreed = total = 0
         for batch, output in zip(batches, outputs):
@@ -123,11 +128,25 @@ def main(argv: list[str] | None = None) -> None:
         heads = sum(output.head_seconds for output in outputs)
         layers = sum(output.layer_seconds for output in outputs)
         fill = sum(output.fill_seconds for output in outputs)
-        rows.append(dict(label=label, pruned=prune, speed=speed, ratio=speed / base_speed, agreement=agreed / total,
-                         mean_exit=exits.mean().item(), heads=heads, layers=layers, fill=fill,
-                         level=level))
-        print(f"{label} pruned={prune}: {speed / base_speed:.2f}x, agreement {100 * agreed / total:.1f}%, "
-              f"mean exit {exits.mean():.1f}", file=sys.stderr)
+        rows.append(
+            dict(
+                label=label,
+                pruned=prune,
+                speed=speed,
+                ratio=speed / base_speed,
+                agreement=agreed / total,
+                mean_exit=exits.mean().item(),
+                heads=heads,
+                layers=layers,
+                fill=fill,
+                level=level,
+            )
+        )
+        print(
+            f"{label} pruned={prune}: {speed / base_speed:.2f}x, agreement {100 * agreed / total:.1f}%, "
+            f"mean exit {exits.mean():.1f}",
+            file=sys.stderr,
+        )
 
     kept = pruning["top_k"] if pruning else 512
     full_cost, pruned_cost = exit_cost(model, kept)
@@ -136,8 +155,14 @@ def main(argv: list[str] | None = None) -> None:
     for batch_size in args.batch_sizes:
         batched = encode(tokenizer, (prompts * batch_size)[:batch_size], batch_size)
         base_batch, _ = timed(model.base.generate, batched, args.batch_tokens, **pad)
-        ours, outputs = timed(model.generate, batched, args.batch_tokens, accuracy_level=args.batch_level,
-                              return_dict_in_generate=True, **pad)
+        ours, outputs = timed(
+            model.generate,
+            batched,
+            args.batch_tokens,
+            exit_config=ExitDecodingConfig(accuracy_level=args.batch_level),
+            return_dict_in_generate=True,
+            **pad,
+        )
         mean_run = torch.cat([output.layers_run.float() for output in outputs]).mean().item()
         batch_rows.append((batch_size, base_batch, ours, mean_run))
         print(f"batch {batch_size}: base {base_batch:.1f} tokens/s, early exit {ours:.1f}", file=sys.stderr)
@@ -165,7 +190,10 @@ def main(argv: list[str] | None = None) -> None:
         f"| batch size | base.generate tokens/s | early exit (level {args.batch_level:g}) tokens/s | ratio "
         "| mean layers run per step |",
         "| ---: | ---: | ---: | ---: | ---: |",
-        *[f"| {size} | {base:.1f} | {ours:.1f} | {ours / base:.2f}x | {run:.1f} |" for size, base, ours, run in batch_rows],
+        *[
+            f"| {size} | {base:.1f} | {ours:.1f} | {ours / base:.2f}x | {run:.1f} |"
+            for size, base, ours, run in batch_rows
+        ],
     ]
     print("\n".join(lines))
     if args.output:
@@ -175,8 +203,12 @@ def main(argv: list[str] | None = None) -> None:
         for prune, marker in ((False, "o"), (True, "s")):
             chosen = [row for row in rows if row["pruned"] == prune and row["level"] is not None]
             if chosen:
-                axes.plot([100 * row["agreement"] for row in chosen], [row["ratio"] for row in chosen], marker=marker,
-                          label="pruned vocabulary" if prune else "full vocabulary")
+                axes.plot(
+                    [100 * row["agreement"] for row in chosen],
+                    [row["ratio"] for row in chosen],
+                    marker=marker,
+                    label="pruned vocabulary" if prune else "full vocabulary",
+                )
                 for row in chosen:
                     axes.annotate(f"{row['level']:g}", (100 * row["agreement"], row["ratio"]), fontsize=8)
         axes.axhline(1.0, color="grey", linestyle="--", linewidth=0.8, label="plain generate")
@@ -188,11 +220,22 @@ def main(argv: list[str] | None = None) -> None:
         figure.savefig(plot, dpi=120)
         command = "python examples/benchmark_generate.py " + " ".join(argv if argv is not None else sys.argv[1:])
         output.write_text(
-            "\n".join([
-                f"# Early-exit generation: {model.config.base_model_name_or_path}", "",
-                "Written by:", "", "```bash", command, "```", "", *lines, "", f"![speed against agreement]({plot.name})",
-                "",
-            ]),
+            "\n".join(
+                [
+                    f"# Early-exit generation: {model.config.base_model_name_or_path}",
+                    "",
+                    "Written by:",
+                    "",
+                    "```bash",
+                    command,
+                    "```",
+                    "",
+                    *lines,
+                    "",
+                    f"![speed against agreement]({plot.name})",
+                    "",
+                ]
+            ),
             encoding="utf-8",
         )
         print(f"report written to {output}, plot to {plot}", file=sys.stderr)

@@ -9,7 +9,7 @@ all prompts after one warm-up:
 4. Dynamic Self-Speculative Decoding (DSSD) at each accuracy level.
 
 Each row gives tokens/s, the ratio to plain `generate`, the tokens emitted per full-depth pass, the acceptance rate
-of drafted tokens and whether the output equals plain greedy `generate`'s. Then the DSSD goals of DESIGN.md. Writes
+of drafted tokens and whether the output equals plain greedy `generate`'s. Then the project's DSSD goals. Writes
 a Markdown report and a plot of speed against tokens per full pass.
 
     python examples/benchmark_speculative.py --output docs/speculative-smollm2-135m.md
@@ -38,7 +38,7 @@ import transformers  # noqa: E402
 # Run as a script, this file's folder is on sys.path, so the sibling benchmark's helpers import directly.
 from benchmark_generate import HEADS, encode, timed  # noqa: E402
 
-from early_exit import EarlyExitForCausalLM  # noqa: E402
+from early_exit import EarlyExitForCausalLM, ExitDecodingConfig  # noqa: E402
 from early_exit.data import load_prompts  # noqa: E402
 from early_exit.default_model import load_base_tokenizer  # noqa: E402
 from early_exit.generation import DEFAULT_MAX_DRAFT_TOKENS  # noqa: E402
@@ -158,15 +158,22 @@ def table(rows: list[Row]) -> list[str]:
     ]
     for row in rows:
         acceptance = "n/a" if row.acceptance is None else f"{100 * row.acceptance:.1f}%"
-        identical = ("reference" if row.method == PLAIN else "yes" if row.differing == 0
-                     else f"no: {row.differing} of {row.total} tokens differ")
-        lines.append(f"| {row.method} | {row.setting} | {row.speed:.2f} | {row.ratio:.2f}x | {row.per_pass:.2f} "
-                     f"| {acceptance} | {identical} |")
+        identical = (
+            "reference"
+            if row.method == PLAIN
+            else "yes"
+            if row.differing == 0
+            else f"no: {row.differing} of {row.total} tokens differ"
+        )
+        lines.append(
+            f"| {row.method} | {row.setting} | {row.speed:.2f} | {row.ratio:.2f}x | {row.per_pass:.2f} "
+            f"| {acceptance} | {identical} |"
+        )
     return lines
 
 
 def goal_lines(rows: list[Row]) -> list[str]:
-    """The DSSD goals of DESIGN.md, each with its measured value and whether it is met."""
+    """The project's DSSD goals, each with its measured value and whether it is met."""
     dssd, assisted, fixed = fastest(rows, DSSD), fastest(rows, ASSISTED), fastest(rows, FIXED)
     if dssd is None:
         return ["- DSSD was not measured (empty `--levels`)."]
@@ -204,8 +211,13 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
         chosen = [row for row in rows if row.method == method]
         if not chosen:
             continue
-        axes.scatter([row.per_pass for row in chosen], [row.ratio for row in chosen], marker=marker, label=method,
-                     s=80 if method == PLAIN else 30)
+        axes.scatter(
+            [row.per_pass for row in chosen],
+            [row.ratio for row in chosen],
+            marker=marker,
+            label=method,
+            s=80 if method == PLAIN else 30,
+        )
         # Every fixed-drafter setting is in the report's table; the plot names only the fastest.
         labelled = [] if method == PLAIN else [fastest(rows, FIXED)] if method == FIXED else chosen
         for row in labelled:
@@ -224,21 +236,37 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heads", default=str(HEADS))
     parser.add_argument("--prompts", type=int, default=4, help="eval prompts to decode (batch 1)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt (also the minimum)")
-    parser.add_argument("--assistant-exits", nargs="*", type=int, default=[6, 12, 18, 21, 24, 27],
-                        help="layers E for base.generate(assistant_early_exit=E)")
-    parser.add_argument("--fixed-exits", nargs="*", type=int, default=[12, 18, 21, 24, 27],
-                        help="exit layers of the fixed drafter (must be exits of the heads)")
-    parser.add_argument("--draft-lengths", nargs="+", type=int, default=[1, 2, 3, 4, 6],
-                        help="draft lengths K of the fixed drafter")
-    parser.add_argument("--levels", nargs="*", type=float, default=[0.8, 0.9, 0.95, 0.99],
-                        help="accuracy levels of DSSD (calibrated levels of the heads)")
+    parser.add_argument(
+        "--assistant-exits",
+        nargs="*",
+        type=int,
+        default=[6, 12, 18, 21, 24, 27],
+        help="layers E for base.generate(assistant_early_exit=E)",
+    )
+    parser.add_argument(
+        "--fixed-exits",
+        nargs="*",
+        type=int,
+        default=[12, 18, 21, 24, 27],
+        help="exit layers of the fixed drafter (must be exits of the heads)",
+    )
+    parser.add_argument(
+        "--draft-lengths", nargs="+", type=int, default=[1, 2, 3, 4, 6], help="draft lengths K of the fixed drafter"
+    )
+    parser.add_argument(
+        "--levels",
+        nargs="*",
+        type=float,
+        default=[0.8, 0.9, 0.95, 0.99],
+        help="accuracy levels of DSSD (calibrated levels of the heads)",
+    )
     parser.add_argument("--max-draft-tokens", type=int, default=DEFAULT_MAX_DRAFT_TOKENS, help="longest DSSD draft")
     parser.add_argument("--output", help="Markdown report to write (plot beside it)")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
     model = EarlyExitForCausalLM.from_pretrained(args.heads)
-    num_layers = model.decoder.num_layers
+    num_layers = model.num_layers
     exits = list(model.config.exit_layers)
     if any(not 1 <= layer < num_layers for layer in args.assistant_exits):
         parser.error(f"--assistant-exits must lie in 1..{num_layers - 1}")
@@ -248,17 +276,38 @@ def main(argv: list[str] | None = None) -> None:
     batches = encode(tokenizer, load_prompts("eval")[: args.prompts])
     pad = dict(pad_token_id=tokenizer.pad_token_id)
     tokens = args.max_new_tokens
-    speculative = dict(speculative=True, return_dict_in_generate=True, **pad)
+    speculative = dict(return_dict_in_generate=True, **pad)
     settings = (
         [(ASSISTED, f"E={layer}", dict(assistant_early_exit=layer, **pad)) for layer in args.assistant_exits]
         + [
-            (FIXED, f"E={layer}, K={length}",
-             dict(exit_thresholds=[-math.inf if exit_layer == layer else None for exit_layer in exits],
-                  max_draft_tokens=length, **speculative))
-            for layer in args.fixed_exits for length in args.draft_lengths
+            (
+                FIXED,
+                f"E={layer}, K={length}",
+                dict(
+                    exit_config=ExitDecodingConfig(
+                        exit_thresholds=[-math.inf if exit_layer == layer else None for exit_layer in exits],
+                        speculative=True,
+                        max_draft_tokens=length,
+                    ),
+                    **speculative,
+                ),
+            )
+            for layer in args.fixed_exits
+            for length in args.draft_lengths
         ]
-        + [(DSSD, f"level {level:g}", dict(accuracy_level=level, max_draft_tokens=args.max_draft_tokens,
-                                           **speculative)) for level in args.levels]
+        + [
+            (
+                DSSD,
+                f"level {level:g}",
+                dict(
+                    exit_config=ExitDecodingConfig(
+                        accuracy_level=level, speculative=True, max_draft_tokens=args.max_draft_tokens
+                    ),
+                    **speculative,
+                ),
+            )
+            for level in args.levels
+        ]
     )
 
     with torch.no_grad():
@@ -276,8 +325,11 @@ def main(argv: list[str] | None = None) -> None:
             per_pass, acceptance = speculative_counts(batches, outputs)
         differing, total = differing_tokens(batches, reference, outputs)
         rows.append(Row(method, setting, speed, speed / base_speed, per_pass, acceptance, differing, total))
-        print(f"[{step}/{len(settings) + 1}] {method} {setting}: {speed / base_speed:.2f}x, {per_pass:.2f} tokens "
-              f"per full pass, {differing} of {total} tokens differ from greedy", file=sys.stderr)
+        print(
+            f"[{step}/{len(settings) + 1}] {method} {setting}: {speed / base_speed:.2f}x, {per_pass:.2f} tokens "
+            f"per full pass, {differing} of {total} tokens differ from greedy",
+            file=sys.stderr,
+        )
 
     name = model.config.base_model_name_or_path
     best = [rows[0]] + [row for method in (ASSISTED, FIXED, DSSD) if (row := fastest(rows, method))]
@@ -293,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
         "counting the calls of the last decoder layer for `assistant_early_exit`, whose drafts stop at layer E. "
         "Acceptance rate: accepted over drafted tokens, pooled over the prompts.",
         "",
-        "## Goals (DESIGN.md)",
+        "## Goals",
         "",
         *goal_lines(rows),
         "",
@@ -302,8 +354,11 @@ def main(argv: list[str] | None = None) -> None:
         *table(best),
     ]
     for method, title in (
-        (ASSISTED, "transformers `generate(assistant_early_exit=E)`: the first E layers draft, the full model "
-                   "verifies (transformers' defaults: up to 20 drafts, stopping below 0.4 confidence)"),
+        (
+            ASSISTED,
+            "transformers `generate(assistant_early_exit=E)`: the first E layers draft, the full model "
+            "verifies (transformers' defaults: up to 20 drafts, stopping below 0.4 confidence)",
+        ),
         (FIXED, "Fixed drafter with our heads (LayerSkip-style): K drafts from exit E, then one full pass"),
         (DSSD, f"DSSD: calibrated exits draft until a token needs full depth (at most {args.max_draft_tokens})"),
     ):
@@ -319,10 +374,22 @@ def main(argv: list[str] | None = None) -> None:
         plot(rows, image, f"{name}: self-speculative decoding")
         command = "python examples/benchmark_speculative.py " + " ".join(argv if argv is not None else sys.argv[1:])
         output.write_text(
-            "\n".join([
-                f"# Self-speculative decoding: {name}", "", "Written by:", "", "```bash", command, "```", "", *lines,
-                "", f"![speed against tokens per full pass]({image.name})", "",
-            ]),
+            "\n".join(
+                [
+                    f"# Self-speculative decoding: {name}",
+                    "",
+                    "Written by:",
+                    "",
+                    "```bash",
+                    command,
+                    "```",
+                    "",
+                    *lines,
+                    "",
+                    f"![speed against tokens per full pass]({image.name})",
+                    "",
+                ]
+            ),
             encoding="utf-8",
         )
         print(f"report written to {output}, plot to {image}", file=sys.stderr)

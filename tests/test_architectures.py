@@ -40,7 +40,7 @@ def _build(variant: str):
     return tiny_model(model_type, **overrides)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny(variant: str):
     """The shared tiny model of `variant` and its adapter, built once (hypothesis cannot use function fixtures).
 
@@ -74,8 +74,9 @@ def left_padded_batches(draw) -> Batch:
     length = draw(st.integers(2, 12))
     pads = draw(st.lists(st.integers(0, length - 1), min_size=rows, max_size=rows))
     pads[draw(st.integers(0, rows - 1))] = 0
-    tokens = draw(st.lists(st.lists(st.integers(3, VOCAB - 1), min_size=length, max_size=length),
-                           min_size=rows, max_size=rows))
+    tokens = draw(
+        st.lists(st.lists(st.integers(3, VOCAB - 1), min_size=length, max_size=length), min_size=rows, max_size=rows)
+    )
     return _batch(tokens, pads, prefill=draw(st.integers(1, length)))
 
 
@@ -172,11 +173,16 @@ def test_early_exit_model_final_and_untrained_exit_logits(variant, use_cache):
     # Exact equality needs the same use_cache on both sides: GPT-2's and OPT's own logits differ in the last bit
     # between use_cache=True and False (a cached key tensor has another memory layout, so another matmul kernel).
     # None checks the default: like the base, the wrapper then follows config.use_cache.
-    torch.testing.assert_close(outputs.logits, model(ids, attention_mask=mask, use_cache=use_cache).logits,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        outputs.logits, model(ids, attention_mask=mask, use_cache=use_cache).logits, rtol=0, atol=0
+    )
     # An untrained residual-adapter head adds exactly zero, so each exit is the logit lens at its layer.
-    _, hiddens = run_layers(heads.decoder, ids, attention_mask=mask,
-                            cache=DynamicCache(config=model.config) if use_cache in (None, True) else None)
+    _, hiddens = run_layers(
+        heads.decoder,
+        ids,
+        attention_mask=mask,
+        cache=DynamicCache(config=model.config) if use_cache in (None, True) else None,
+    )
     assert len(outputs.exit_logits) == 3
     for layer, exit_logits in zip([1, 2, 3], outputs.exit_logits):
         lens = heads.decoder.unembed(heads.decoder.norm(hiddens[layer]))

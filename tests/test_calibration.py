@@ -13,7 +13,6 @@ from transformers import AutoModelForCausalLM
 
 import early_exit
 from early_exit.calibration import (
-    CalibrationError,
     ExitScores,
     binomial_cdf,
     calibrate_budget,
@@ -28,6 +27,7 @@ from early_exit.calibration import (
 )
 from early_exit.confidence import CONFIDENCE_METRICS, register_confidence_metric
 from early_exit.data.corpus import TokenBlocks
+from early_exit.errors import CalibrationError
 from early_exit.training import EarlyExitTrainer, EarlyExitTrainingArguments
 
 
@@ -121,8 +121,14 @@ def _trained_tiny_model(tmp_path):
     generator = torch.Generator().manual_seed(0)
     blocks = TokenBlocks([torch.randint(0, VOCAB, (32,), generator=generator).tolist() for _ in range(48)])
     args = EarlyExitTrainingArguments(
-        str(tmp_path / "trainer"), num_train_epochs=8, learning_rate=1e-2, per_device_train_batch_size=8,
-        save_strategy="no", use_cpu=True, report_to="none", disable_tqdm=True,
+        str(tmp_path / "trainer"),
+        num_train_epochs=8,
+        learning_rate=1e-2,
+        per_device_train_batch_size=8,
+        save_strategy="no",
+        use_cpu=True,
+        report_to="none",
+        disable_tqdm=True,
     )
     EarlyExitTrainer(model, args, train_dataset=blocks).train()
     return model.eval()
@@ -173,7 +179,7 @@ def test_a_user_metric_calibrates_saves_and_loads_with_the_heads(tmp_path):
         with pytest.raises(CalibrationError, match="calibrated tables: entropy, test_logit_gap"):
             select_thresholds(again.config, 0.9, "margin")
     finally:
-        del CONFIDENCE_METRICS["test_logit_gap"]
+        CONFIDENCE_METRICS.unregister("test_logit_gap")
 
 
 def test_uncalibrated_heads_say_how_to_calibrate():

@@ -10,14 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import VOCAB, tiny_model
 from transformers import AutoModelForCausalLM
 
 import early_exit
 from early_exit import CheckpointError, EarlyExitForCausalLM, HeadMismatchError
 from early_exit.checkpoint import WEIGHTS_NAME
-from early_exit.hub import HubUnreachableError
-
-from tiny_models import VOCAB, tiny_model
+from early_exit.errors import HubUnreachableError
 
 
 def _saved_base(tmp_path, model_type="llama", **overrides):
@@ -59,7 +58,9 @@ def test_round_trip_through_auto_model_gives_identical_exit_logits(tmp_path, hea
 def test_only_head_weights_are_saved(tmp_path):
     model = early_exit.add_exit_heads(_saved_base(tmp_path), [1, 2, 3])
     model.save_pretrained(tmp_path / "heads")
-    assert sorted(path.name for path in (tmp_path / "heads").iterdir()) == sorted(["README.md", WEIGHTS_NAME, "config.json"])
+    assert sorted(path.name for path in (tmp_path / "heads").iterdir()) == sorted(
+        ["README.md", WEIGHTS_NAME, "config.json"]
+    )
     tensors = load_file(tmp_path / "heads" / WEIGHTS_NAME)
     assert all(name.startswith("exit_heads.") for name in tensors)
     assert sum(tensor.numel() for tensor in tensors.values()) == model.head_parameter_count()
@@ -112,7 +113,9 @@ def test_a_corrupt_weights_file_is_reported(tmp_path, damage):
     model.save_pretrained(tmp_path / "heads")
     weights = tmp_path / "heads" / WEIGHTS_NAME
     content = weights.read_bytes()
-    weights.write_bytes({"truncate": content[: len(content) // 2], "garbage": b"not safetensors" * 10, "empty": b""}[damage])
+    weights.write_bytes(
+        {"truncate": content[: len(content) // 2], "garbage": b"not safetensors" * 10, "empty": b""}[damage]
+    )
     with pytest.raises(CheckpointError, match="corrupt"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "heads")
 
@@ -196,7 +199,9 @@ def test_push_uploads_only_the_head_files_of_the_saved_folder(tmp_path, monkeypa
 
     writes = []
     real_save_file = modeling_early_exit.save_file
-    monkeypatch.setattr(modeling_early_exit, "save_file", lambda *args, **kw: writes.append(1) or real_save_file(*args, **kw))
+    monkeypatch.setattr(
+        modeling_early_exit, "save_file", lambda *args, **kw: writes.append(1) or real_save_file(*args, **kw)
+    )
     model = early_exit.add_exit_heads(_saved_base(tmp_path), [2])
     (tmp_path / "heads").mkdir()
     (tmp_path / "heads" / "notes.txt").write_text("stays local")

@@ -5,13 +5,11 @@ from __future__ import annotations
 import re
 
 import pytest
+from tiny_models import STORIES260K, tiny_model
 from transformers import AutoModelForCausalLM
 
 import early_exit
-from early_exit.cli import main
-
-from tiny_models import STORIES260K, tiny_model
-
+from early_exit_cli import main
 
 
 def test_info_prints_every_exit_and_the_head_share(tmp_path, capsys):
@@ -38,7 +36,8 @@ def test_agreement_reports_every_exit_on_a_real_model(capsys):
     main(["agreement", "--model", str(STORIES260K), "--prompts", "3", "--max-new-tokens", "6"])
     printed = capsys.readouterr().out
     rows = re.findall(r"^\s+(\d)\s+[\d.]+\s+([\d.]+)%$", printed, flags=re.MULTILINE)
-    assert [layer for layer, _ in rows] == ["1", "2", "3", "4"]  # 0.2 .. 0.8 of 5 layers
+    expected = early_exit.EarlyExitConfig().resolve_exit_layers(5)  # the library's default exits, as the CLI's
+    assert [int(layer) for layer, _ in rows] == expected
     assert all(0.0 <= float(rate) <= 100.0 for _, rate in rows)
     assert "18 generated tokens" in printed
     assert re.search(r"averages [\d.]+ of 5 layers", printed)
@@ -47,11 +46,29 @@ def test_agreement_reports_every_exit_on_a_real_model(capsys):
 @pytest.mark.skipif(not STORIES260K.is_dir(), reason="shared/models/stories260k is not beside the checkout")
 def test_train_writes_a_heads_folder_that_loads_and_records_its_training(tmp_path, capsys):
     output = tmp_path / "heads"
-    main([
-        "train", "--model", str(STORIES260K), "--exit-layers", "2", "4", "--output", str(output),
-        "--train-tokens", "1500", "--eval-tokens", "400", "--block-size", "64", "--generation-tokens", "8",
-        "--epochs", "2", "--cache-hidden-states",
-    ])
+    main(
+        [
+            "train",
+            "--model",
+            str(STORIES260K),
+            "--exit-layers",
+            "2",
+            "4",
+            "--output",
+            str(output),
+            "--train-tokens",
+            "1500",
+            "--eval-tokens",
+            "400",
+            "--block-size",
+            "64",
+            "--generation-tokens",
+            "8",
+            "--epochs",
+            "2",
+            "--cache-hidden-states",
+        ]
+    )
     printed = capsys.readouterr().out
     rows = re.findall(r"^\s+(\d)\s+([\d.]+)%\s+([\d.]+)%\s+([\d.]+)$", printed, flags=re.MULTILINE)
     assert [row[0] for row in rows] == ["2", "4"]

@@ -64,6 +64,6 @@ def test_users_register_metrics_by_name():
     try:
         assert get_confidence_metric("test_logit_gap")(torch.tensor([[3.0, 1.0, 0.5]])).item() == pytest.approx(2.0)
     finally:
-        del CONFIDENCE_METRICS["test_logit_gap"]
-    with pytest.raises(ValueError, match="Known metrics: entropy, margin, max_prob, saturation"):
+        CONFIDENCE_METRICS.unregister("test_logit_gap")
+    with pytest.raises(ValueError, match="Known confidence metrics: entropy, margin, max_prob, saturation"):
         get_confidence_metric("test_logit_gap")

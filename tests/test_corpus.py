@@ -43,9 +43,7 @@ def test_split_of_is_stable_and_follows_the_shares():
 
 
 def test_python_library_splits_hold_different_modules():
-    texts = {
-        split: set(itertools.islice(python_library_texts(split, "source"), 15)) for split in ("train", "eval")
-    }
+    texts = {split: set(itertools.islice(python_library_texts(split, "source"), 15)) for split in ("train", "eval")}
     assert len(texts["train"]) == 15 and len(texts["eval"]) == 15
     assert not texts["train"] & texts["eval"]
     docstrings = list(itertools.islice(python_library_texts("calibration"), 5))
@@ -88,7 +86,9 @@ def test_users_files_are_read_whole_or_by_column(tmp_path):
         list(file_texts([tmp_path / "missing.txt"]))
 
 
-needs_stories = pytest.mark.skipif(not STORIES260K.is_dir(), reason="shared/models/stories260k is not beside the checkout")
+needs_stories = pytest.mark.skipif(
+    not STORIES260K.is_dir(), reason="shared/models/stories260k is not beside the checkout"
+)
 
 
 @needs_stories

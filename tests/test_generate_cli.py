@@ -5,12 +5,11 @@ from __future__ import annotations
 import re
 
 import pytest
+from tiny_models import STORIES260K
 from transformers import AutoModelForCausalLM
 
 import early_exit
-from early_exit.cli import main
-
-from tiny_models import STORIES260K
+from early_exit_cli import main
 
 pytestmark = pytest.mark.skipif(not STORIES260K.is_dir(), reason="shared/models/stories260k is not beside the checkout")
 
@@ -31,15 +30,33 @@ def _markers(printed: str) -> list[str]:
 
 def test_zero_thresholds_send_every_token_out_at_the_first_exit(heads, tmp_path, capsys):
     plot = tmp_path / "h.png"
-    main([
-        "generate", "--heads", str(heads), "--prompt", "Once upon a time", "--max-new-tokens", "8",
-        "--thresholds", "0.0", "0.0", "0.0", "--no-color", "--plot", str(plot),
-    ])
+    main(
+        [
+            "generate",
+            "--heads",
+            str(heads),
+            "--prompt",
+            "Once upon a time",
+            "--max-new-tokens",
+            "8",
+            "--thresholds",
+            "0.0",
+            "0.0",
+            "0.0",
+            "--no-color",
+            "--plot",
+            str(plot),
+        ]
+    )
     printed = capsys.readouterr().out
     # The first token comes from the prompt's full-depth pass; max_prob >= 0 holds at exit 1 for every later one.
     assert _markers(printed) == ["5"] + ["1"] * 7
-    assert re.search(r"^8 tokens, mean exit layer 1\.5 of 5, mean layers run 1\.5, [\d.]+ tokens/s$", printed, re.MULTILINE)
-    assert re.search(r"^time [\d.]+ s: layers [\d.]+ s \(\d+%\), heads [\d.]+ s \(\d+%\), cache fill", printed, re.MULTILINE)
+    assert re.search(
+        r"^8 tokens, mean exit layer 1\.5 of 5, mean layers run 1\.5, [\d.]+ tokens/s$", printed, re.MULTILINE
+    )
+    assert re.search(
+        r"^time [\d.]+ s: layers [\d.]+ s \(\d+%\), heads [\d.]+ s \(\d+%\), cache fill", printed, re.MULTILINE
+    )
     assert "\033[" not in printed
     assert plot.is_file() and plot.stat().st_size > 0
 
@@ -51,8 +68,19 @@ def test_without_a_level_or_thresholds_uncalibrated_heads_run_every_token_to_ful
 
 
 def test_colour_is_off_under_no_color_and_on_otherwise(heads, capsys, monkeypatch):
-    arguments = ["generate", "--heads", str(heads), "--prompt", "Once upon a time", "--max-new-tokens", "4",
-                 "--thresholds", "0.0", "0.0", "0.0"]
+    arguments = [
+        "generate",
+        "--heads",
+        str(heads),
+        "--prompt",
+        "Once upon a time",
+        "--max-new-tokens",
+        "4",
+        "--thresholds",
+        "0.0",
+        "0.0",
+        "0.0",
+    ]
     monkeypatch.setenv("NO_COLOR", "1")
     main(arguments)
     assert _markers(capsys.readouterr().out) == ["5", "1", "1", "1"]
@@ -76,8 +104,20 @@ def test_speculative_prints_the_full_models_text_and_the_drafts_accepted(heads, 
 
 
 def test_speculative_options_that_do_not_fit_are_refused(heads):
-    with pytest.raises(SystemExit, match="only applies with --speculative"):
+    with pytest.raises(SystemExit, match="max_draft_tokens only applies with speculative"):
         main(["generate", "--heads", str(heads), "--max-draft-tokens", "3"])
     with pytest.raises(SystemExit, match="kv_strategy='deferred'"):
-        main(["generate", "--heads", str(heads), "--speculative", "--kv-strategy", "propagate", "--thresholds",
-              "0.5", "0.5", "0.5"])
+        main(
+            [
+                "generate",
+                "--heads",
+                str(heads),
+                "--speculative",
+                "--kv-strategy",
+                "propagate",
+                "--thresholds",
+                "0.5",
+                "0.5",
+                "0.5",
+            ]
+        )

@@ -15,9 +15,11 @@ from transformers.cache_utils import DynamicCache
 from transformers.generation.streamers import BaseStreamer
 
 import early_exit
-from early_exit.calibration import CalibrationError, calibrate_table, collect_exit_scores, store_calibration
+from early_exit.calibration import calibrate_table, collect_exit_scores, store_calibration
 from early_exit.data.corpus import TokenBlocks
-from early_exit.pruning import VocabPruner, VocabPruningConfig, VocabPruningError, project_rows, scatter_to_vocabulary
+from early_exit.errors import CalibrationError, VocabPruningError
+from early_exit.kernels import project_rows
+from early_exit.pruning import VocabPruner, VocabPruningConfig, scatter_to_vocabulary
 
 ARCHITECTURES = sorted(TINY_CONFIGS)
 EXITS = [1, 2, 3]
@@ -74,8 +76,9 @@ def test_full_depth_generate_equals_base_generate(model_type, seed, batch, lengt
 def test_full_depth_sampling_equals_base_sampling_under_one_seed(temperature):
     model = _model("llama")
     ids, mask = _prompts(3, 2, 5, padded=True)
-    arguments = dict(attention_mask=mask, max_new_tokens=10, do_sample=True, temperature=temperature, top_p=0.9,
-                     pad_token_id=0)
+    arguments = dict(
+        attention_mask=mask, max_new_tokens=10, do_sample=True, temperature=temperature, top_p=0.9, pad_token_id=0
+    )
     torch.manual_seed(11)
     expected = model.base.generate(ids, **arguments)
     torch.manual_seed(11)
@@ -101,11 +104,14 @@ def test_deferred_fill_leaves_the_cache_of_one_full_forward_pass(model_type, see
     real = full_mask.bool()
     for layer, (ours, theirs) in enumerate(zip(output.past_key_values.layers, expected.layers)):
         assert ours.keys.shape == theirs.keys.shape, f"layer {layer}"
-        real_positions = real[:, -ours.keys.shape[2]:]  # sliding-window layers keep only the last positions
+        real_positions = real[:, -ours.keys.shape[2] :]  # sliding-window layers keep only the last positions
         for name in ("keys", "values"):
             torch.testing.assert_close(
-                getattr(ours, name).transpose(1, 2)[real_positions], getattr(theirs, name).transpose(1, 2)[real_positions],
-                atol=1e-4, rtol=1e-4, msg=f"{name} of layer {layer}",
+                getattr(ours, name).transpose(1, 2)[real_positions],
+                getattr(theirs, name).transpose(1, 2)[real_positions],
+                atol=1e-4,
+                rtol=1e-4,
+                msg=f"{name} of layer {layer}",
             )
 
 
@@ -181,9 +187,10 @@ def test_each_row_of_a_batch_decides_its_exits_as_it_would_alone(model_type):
     assert len(set(map(tuple, batched.exit_layers[:, 1:].tolist()))) > 1, "rows should differ in their exits"
     for row in range(ids.shape[0]):
         keep = mask[row].bool()
-        alone = _greedy(model, ids[row : row + 1, keep], mask[row : row + 1, keep], max_new_tokens=10,
-                        exit_thresholds=thresholds)
-        assert torch.equal(alone.sequences[0, int(keep.sum()):], batched.sequences[row, ids.shape[1]:])
+        alone = _greedy(
+            model, ids[row : row + 1, keep], mask[row : row + 1, keep], max_new_tokens=10, exit_thresholds=thresholds
+        )
+        assert torch.equal(alone.sequences[0, int(keep.sum()) :], batched.sequences[row, ids.shape[1] :])
         assert torch.equal(alone.exit_layers[0], batched.exit_layers[row])
     assert torch.equal(batched.layers_run[1:], batched.exit_layers[:, 1:].max(dim=0).values)
 
@@ -207,14 +214,21 @@ def test_usual_generate_arguments_work_with_early_exits():
     first = _greedy(model, ids, mask, max_new_tokens=6, exit_thresholds=[0.3, 0.3, 0.3])
     eos = int(first.sequences[0, ids.shape[1] + 1])
     output = model.generate(
-        ids, attention_mask=mask, max_new_tokens=6, exit_thresholds=[0.3, 0.3, 0.3], eos_token_id=eos,
-        pad_token_id=0, streamer=Recorder(), stopping_criteria=StoppingCriteriaList([StopAfter()]),
+        ids,
+        attention_mask=mask,
+        max_new_tokens=6,
+        exit_thresholds=[0.3, 0.3, 0.3],
+        eos_token_id=eos,
+        pad_token_id=0,
+        streamer=Recorder(),
+        stopping_criteria=StoppingCriteriaList([StopAfter()]),
         logits_processor=LogitsProcessorList([MinLengthLogitsProcessor(0, eos)]),
-        return_dict_in_generate=True, output_scores=True,
+        return_dict_in_generate=True,
+        output_scores=True,
     )
     assert output.sequences.shape[1] <= ids.shape[1] + 4
-    assert output.sequences[0, ids.shape[1] + 1] == eos and (output.sequences[0, ids.shape[1] + 2:] == 0).all()
-    assert received[-1] is None and torch.equal(torch.stack(received[1:-1], dim=1), output.sequences[:, ids.shape[1]:])
+    assert output.sequences[0, ids.shape[1] + 1] == eos and (output.sequences[0, ids.shape[1] + 2 :] == 0).all()
+    assert received[-1] is None and torch.equal(torch.stack(received[1:-1], dim=1), output.sequences[:, ids.shape[1] :])
     assert len(output.scores) == output.sequences.shape[1] - ids.shape[1]
     assert output.layer_seconds > 0 and output.head_seconds > 0
 
@@ -260,8 +274,15 @@ def test_pruning_the_whole_vocabulary_changes_nothing_and_a_small_k_limits_exit_
     whole = _greedy(model, ids, mask, max_new_tokens=8, exit_thresholds=thresholds, vocab_pruning=VOCAB)
     assert torch.equal(unpruned.sequences, whole.sequences)
     # Exit 1 is scored (max-prob never reaches 2) and prunes; exit 2 always emits.
-    pruned = _greedy(model, ids, mask, max_new_tokens=8, exit_thresholds=[2.0, -math.inf, math.inf],
-                     vocab_pruning=VocabPruningConfig(top_k=1, prune_at=1), output_scores=True)
+    pruned = _greedy(
+        model,
+        ids,
+        mask,
+        max_new_tokens=8,
+        exit_thresholds=[2.0, -math.inf, math.inf],
+        vocab_pruning=VocabPruningConfig(top_k=1, prune_at=1),
+        output_scores=True,
+    )
     # Exit 2 scores only the one token exit 1 ranked first, so its scores are -inf everywhere else.
     for scores in pruned.scores[1:]:
         assert (torch.isfinite(scores).sum(-1) == 1).all()
@@ -296,7 +317,7 @@ def test_calibration_with_pruning_is_stored_apart_and_chosen_by_generate():
         (dict(exit_thresholds=[0.5] * 3, min_exit_layer=9), ValueError, "min_exit_layer"),
         (dict(exit_thresholds=[0.5] * 3, kv_strategy="lazy"), ValueError, "kv_strategy"),
         (dict(exit_thresholds=[0.5] * 3, num_beams=2), ValueError, "Beam search"),
-        (dict(exit_thresholds=[0.5] * 3, confidence_metric="certainty"), ValueError, "Known metrics"),
+        (dict(exit_thresholds=[0.5] * 3, confidence_metric="certainty"), ValueError, "Known confidence metrics"),
         (dict(accuracy_level=0.9), CalibrationError, "not calibrated"),
         (dict(exit_thresholds=[0.5] * 3, vocab_pruning=0), VocabPruningError, "positive integer"),
     ],

@@ -9,13 +9,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
+from tiny_models import VOCAB, run_layers, tiny_model
 from torch import nn
 
 import early_exit
 from early_exit import EarlyExitConfig, ExitHead, register_head_type
 from early_exit.heads import HEAD_TYPES
-
-from tiny_models import VOCAB, run_layers, tiny_model
 
 
 def _logit_lens(model, input_ids):
@@ -61,7 +60,10 @@ def test_training_heads_never_changes_the_base():
     for _ in range(3):
         output = model(input_ids)
         targets = output.logits.detach().softmax(-1)
-        loss = sum(nn.functional.cross_entropy(logits.transpose(1, 2), targets.transpose(1, 2)) for logits in output.exit_logits)
+        loss = sum(
+            nn.functional.cross_entropy(logits.transpose(1, 2), targets.transpose(1, 2))
+            for logits in output.exit_logits
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -152,4 +154,4 @@ def test_a_user_registered_head_type_works_end_to_end(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(again(input_ids).exit_logits[0], 2.5 * _logit_lens(again, input_ids)[0])
     finally:
-        HEAD_TYPES.pop("scaled_lens")
+        HEAD_TYPES.unregister("scaled_lens")

@@ -47,8 +47,9 @@ def test_greedy_output_equals_base_generate(
     ids, mask = _prompts(seed, batch, length, padded=True)
     arguments = dict(max_new_tokens=12, do_sample=False, eos_token_id=eos, repetition_penalty=repetition_penalty)
     expected = model.base.generate(ids, attention_mask=mask, pad_token_id=0, **arguments)
-    output = _speculative(model, ids, mask, exit_thresholds=exit_thresholds, max_draft_tokens=max_draft_tokens,
-                          **arguments)
+    output = _speculative(
+        model, ids, mask, exit_thresholds=exit_thresholds, max_draft_tokens=max_draft_tokens, **arguments
+    )
     assert torch.equal(output.sequences, expected)
     assert (output.accepted <= output.drafted).all() and (output.drafted <= max_draft_tokens).all()
 
@@ -58,8 +59,10 @@ def test_drafts_are_taken_and_rejected_on_the_way():
     model = _model("llama")
     ids, mask = _prompts(1, 3, 6, padded=True)
     output = _speculative(model, ids, mask, max_new_tokens=24, exit_thresholds=[0.0, 0.0, 0.0], max_draft_tokens=3)
-    assert torch.equal(output.sequences, model.base.generate(ids, attention_mask=mask, max_new_tokens=24,
-                                                             do_sample=False, pad_token_id=0))
+    assert torch.equal(
+        output.sequences,
+        model.base.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0),
+    )
     assert 0 < output.accepted.sum() < output.drafted.sum()
     # Rows accepted different numbers of drafts in one cycle: the masked-slot path ran.
     assert (output.accepted != output.accepted[:1]).any()
@@ -73,13 +76,13 @@ def test_every_position_runs_each_layer_exactly_once():
     ids, mask = _prompts(4, 1, 6, padded=False)
     seen = [0] * model.decoder.num_layers
     hooks = [
-        layer.register_forward_hook(lambda module, args, output, index=index: seen.__setitem__(
-            index, seen[index] + args[0].shape[1]))
+        layer.register_forward_hook(
+            lambda module, args, output, index=index: seen.__setitem__(index, seen[index] + args[0].shape[1])
+        )
         for index, layer in enumerate(model.base.model.layers)
     ]
     try:
-        output = _speculative(model, ids, mask, max_new_tokens=20, exit_thresholds=[0.2, 0.4, 0.6],
-                              max_draft_tokens=4)
+        output = _speculative(model, ids, mask, max_new_tokens=20, exit_thresholds=[0.2, 0.4, 0.6], max_draft_tokens=4)
     finally:
         for hook in hooks:
             hook.remove()
@@ -94,16 +97,22 @@ def test_every_position_runs_each_layer_exactly_once():
 def test_cache_after_rollback_is_one_full_forward_pass(model_type, seed, exit_thresholds, max_draft_tokens):
     model = _model(model_type)
     ids, mask = _prompts(seed, 1, 5, padded=False)
-    output = _speculative(model, ids, mask, max_new_tokens=12, exit_thresholds=exit_thresholds,
-                          max_draft_tokens=max_draft_tokens)
+    output = _speculative(
+        model, ids, mask, max_new_tokens=12, exit_thresholds=exit_thresholds, max_draft_tokens=max_draft_tokens
+    )
     sequences = output.sequences[:, :-1]  # the last token has not been run yet, as after base.generate
     expected = _full_forward_cache(model.base, sequences, torch.ones_like(sequences))
     for layer, (ours, theirs) in enumerate(zip(output.past_key_values.layers, expected.layers)):
         assert output.past_key_values.get_seq_length(layer) == expected.get_seq_length(layer), f"layer {layer}"
         window = theirs.keys.shape[2]  # sliding-window layers keep only their last positions
         for name in ("keys", "values"):
-            torch.testing.assert_close(getattr(ours, name)[:, :, -window:], getattr(theirs, name),
-                                       rtol=1e-4, atol=1e-4, msg=f"{name} of layer {layer}")
+            torch.testing.assert_close(
+                getattr(ours, name)[:, :, -window:],
+                getattr(theirs, name),
+                rtol=1e-4,
+                atol=1e-4,
+                msg=f"{name} of layer {layer}",
+            )
 
 
 # --- sampling: the base model's distribution ---------------------------------------------------------------------
@@ -145,8 +154,15 @@ def test_speculative_sampling_follows_the_base_distribution(temperature):
     samples, prompt = 4000, torch.tensor([5, 17, 33, 8])
     torch.manual_seed(0)
     output = _speculative(
-        model, prompt.repeat(samples, 1), None, max_new_tokens=3, do_sample=True, temperature=temperature, top_k=0,
-        exit_thresholds=[0.0, None, None], max_draft_tokens=2,
+        model,
+        prompt.repeat(samples, 1),
+        None,
+        max_new_tokens=3,
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        exit_thresholds=[0.0, None, None],
+        max_draft_tokens=2,
     )
     assert 0.1 < output.acceptance_rate < 0.9  # drafts are both kept and replaced
     marginals = _exact_distributions(model, prompt, 3, temperature)
@@ -160,8 +176,14 @@ def test_the_sampling_test_detects_drafts_taken_without_verification():
     model = _model("llama")
     samples, prompt = 4000, torch.tensor([5, 17, 33, 8])
     torch.manual_seed(0)
-    output = model.generate(prompt.repeat(samples, 1), max_new_tokens=2, do_sample=True, top_k=0, pad_token_id=0,
-                            exit_thresholds=[0.0, None, None])  # plain early exit: the second token is the exit's
+    output = model.generate(
+        prompt.repeat(samples, 1),
+        max_new_tokens=2,
+        do_sample=True,
+        top_k=0,
+        pad_token_id=0,
+        exit_thresholds=[0.0, None, None],
+    )  # plain early exit: the second token is the exit's
     counts = torch.bincount(output[:, len(prompt) + 1], minlength=VOCAB)
     assert _chi_square_p_value(counts, _exact_distributions(model, prompt, 2, 1.0)[1]) < 1e-3
 
@@ -218,7 +240,10 @@ def test_batches_beyond_a_sliding_window_are_refused_naming_the_limit():
     with pytest.raises(ValueError, match="sliding window of 5"):
         _speculative(model, ids, mask, max_new_tokens=6, exit_thresholds=[0.5, 0.5, 0.5])
     # One row at a time is fine, and a batch whose slots all fit in the window too.
-    assert _speculative(model, ids[:1], mask[:1], max_new_tokens=6, exit_thresholds=[0.5, 0.5, 0.5]).sequences.shape[1] == 10
+    assert (
+        _speculative(model, ids[:1], mask[:1], max_new_tokens=6, exit_thresholds=[0.5, 0.5, 0.5]).sequences.shape[1]
+        == 10
+    )
     short = _prompts(0, 2, 2, padded=False)
     assert _speculative(model, *short, max_new_tokens=1, max_draft_tokens=1).sequences.shape[1] == 3
 

@@ -12,9 +12,9 @@ from tiny_models import VOCAB, tiny_model
 from transformers import AutoModelForCausalLM
 
 import early_exit
+from early_exit.data import DistillationCollator
 from early_exit.data.corpus import TokenBlocks
 from early_exit.training import (
-    DistillationCollator,
     EarlyExitTrainer,
     EarlyExitTrainingArguments,
     HiddenStateCache,
@@ -49,7 +49,10 @@ def _args(tmp_path, **overrides) -> EarlyExitTrainingArguments:
 def _train(model, tmp_path, train_blocks=48, eval_blocks=12, **overrides):
     """Train on random token blocks; returns the held-out metrics (other random blocks) before and after."""
     trainer = EarlyExitTrainer(
-        model, _args(tmp_path, **overrides), train_dataset=_blocks(0, train_blocks), eval_dataset=_blocks(1, eval_blocks)
+        model,
+        _args(tmp_path, **overrides),
+        train_dataset=_blocks(0, train_blocks),
+        eval_dataset=_blocks(1, eval_blocks),
     )
     before = trainer.evaluate()
     trainer.train()
@@ -135,17 +138,19 @@ def test_training_from_cached_hidden_states_matches_training_through_the_base(tm
 
 def test_the_cache_estimates_its_memory_before_it_starts(monkeypatch, capsys):
     model = early_exit.add_exit_heads(tiny_model("llama"), [1, 2])
-    cache = HiddenStateCache.build(model, _blocks(0, 3, length=20), DistillationCollator(), batch_size=2)
+    cache = HiddenStateCache.build(model, _blocks(0, 3, length=20), batch_size=2)
     expected = hidden_cache.estimate_cache_bytes(3 * 20, 2, 32, torch.float32)
     assert expected == 3 * 20 * 3 * 32 * 4
     assert "3 sequences x 20 positions x 3 layers x 32" in capsys.readouterr().err
     assert cache.exit_hidden_states.shape == (3, 2, 20, 32) and cache.final_hidden_states.shape == (3, 20, 32)
-    hiddens = model.decoder.model(torch.tensor(_blocks(0, 3, length=20).blocks), output_hidden_states=True).hidden_states
+    hiddens = model.decoder.model(
+        torch.tensor(_blocks(0, 3, length=20).blocks), output_hidden_states=True
+    ).hidden_states
     torch.testing.assert_close(cache.exit_hidden_states[:, 1], hiddens[2])
 
     monkeypatch.setattr(hidden_cache, "_physical_memory_bytes", lambda: 1000)
     with pytest.raises(MemoryError, match="bfloat16"):
-        HiddenStateCache.build(model, _blocks(0, 3, length=20), DistillationCollator())
+        HiddenStateCache.build(model, _blocks(0, 3, length=20))
 
 
 def _lora(base):
@@ -162,7 +167,9 @@ def test_joint_tuning_keeps_the_final_layer_close_while_exits_improve(tmp_path):
     assert _mean_agreement(after, model.exit_layers) > _mean_agreement(before, model.exit_layers) + 0.03
     lora = {name: tensor for name, tensor in model.base.named_parameters() if "lora_B" in name}
     assert lora and all(tensor.abs().sum() > 0 for tensor in lora.values())  # the backbone adapter did train
-    untouched = {name.replace("base_layer.", ""): tensor for name, tensor in base.state_dict().items() if "lora" not in name}
+    untouched = {
+        name.replace("base_layer.", ""): tensor for name, tensor in base.state_dict().items() if "lora" not in name
+    }
     assert all(torch.equal(untouched[name], tensor) for name, tensor in frozen.items())
 
 

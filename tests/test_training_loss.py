@@ -24,10 +24,13 @@ def _batch(seed, batch=3, seq=7, vocab=11, exits=2):
 def test_the_loss_is_the_token_mean_of_kl_from_the_final_layer():
     heads, final, mask = _batch(0)
     weights = [0.25, 0.75]
-    expected = sum(
-        weight * F.kl_div(head[mask].log_softmax(-1), final[mask].log_softmax(-1), log_target=True, reduction="sum")
-        for weight, head in zip(weights, heads)
-    ) / mask.sum()
+    expected = (
+        sum(
+            weight * F.kl_div(head[mask].log_softmax(-1), final[mask].log_softmax(-1), log_target=True, reduction="sum")
+            for weight, head in zip(weights, heads)
+        )
+        / mask.sum()
+    )
     torch.testing.assert_close(exit_distillation_loss(heads, final, mask, weights), expected)
 
 

@@ -28,8 +28,14 @@ TINY_CONFIGS: dict[str, dict] = {
     "gpt_neox": dict(_COMMON, max_position_embeddings=128, rotary_pct=0.5),
     "gpt2": dict(vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=128),
     "opt": dict(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, ffn_dim=48,
-        max_position_embeddings=128, word_embed_proj_dim=32, pad_token_id=1,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        ffn_dim=48,
+        max_position_embeddings=128,
+        word_embed_proj_dim=32,
+        pad_token_id=1,
     ),
 }
 

@@ -18,7 +18,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from ..pruning import project_rows
+from ..kernels import project_rows
 
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
@@ -197,6 +197,11 @@ class DecoderAdapter(ABC):
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
         return logits
+
+    def final_logits(self, hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits the model's own head gives a hidden state: final norm, then LM head (`unembed`)."""
+        return self.unembed(self.norm(hidden), token_ids)
+
 
 class _KeysAndValuesWritten(Exception):
     """Raised by `_KeyValueWriter` to leave a layer as soon as its keys and values are in the cache."""

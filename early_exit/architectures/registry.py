@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from torch import nn
 from transformers import PreTrainedModel
 
 from ..errors import UnsupportedArchitectureError
+from ..registry import Registry
 
-_ADAPTERS: dict[str, type] = {}
+if TYPE_CHECKING:
+    from .base import DecoderAdapter
+
 AdapterType = TypeVar("AdapterType", bound=type)
+
+#: `config.model_type` -> the `DecoderAdapter` subclass that runs it layer by layer.
+ARCHITECTURES: Registry[type[DecoderAdapter]] = Registry(
+    "model_type",
+    "support another decoder by subclassing early_exit.architectures.DecoderAdapter and decorating it with "
+    "@early_exit.register_architecture('<model_type>').",
+    unknown_error=UnsupportedArchitectureError,
+)
 
 
 def register_architecture(*model_types: str) -> Callable[[AdapterType], AdapterType]:
@@ -21,16 +33,14 @@ def register_architecture(*model_types: str) -> Callable[[AdapterType], AdapterT
 
     def decorator(cls: AdapterType) -> AdapterType:
         cls.model_types = tuple(model_types)
-        for model_type in model_types:
-            _ADAPTERS[model_type] = cls
-        return cls
+        return ARCHITECTURES.register(*model_types)(cls)
 
     return decorator
 
 
 def supported_model_types() -> list[str]:
     """The `model_type`s that have a layer-by-layer adapter."""
-    return sorted(_ADAPTERS)
+    return ARCHITECTURES.names()
 
 
 def unwrap_model(model: nn.Module) -> PreTrainedModel:
@@ -39,24 +49,21 @@ def unwrap_model(model: nn.Module) -> PreTrainedModel:
     return get_base_model() if callable(get_base_model) else model
 
 
-def get_decoder_adapter(model: nn.Module):
+def get_decoder_adapter(model: nn.Module) -> DecoderAdapter:
     """The `DecoderAdapter` for `model` (a causal LM, possibly wrapped by PEFT).
 
     Raises:
         UnsupportedArchitectureError: the architecture has no adapter, or the model has no LM head.
     """
     model = unwrap_model(model)
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in _ADAPTERS:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ARCHITECTURES:
         raise UnsupportedArchitectureError(
             f"Early exits are not supported for model_type {model_type!r} ({type(model).__name__}). "
-            f"Supported model types: {', '.join(supported_model_types())}. "
-            "Support another decoder by subclassing early_exit.architectures.DecoderAdapter and decorating it "
-            "with @register_architecture('<model_type>')."
+            f"Supported model types: {', '.join(supported_model_types())}. {ARCHITECTURES.how_to_add}"
         )
     if model.get_output_embeddings() is None:
         raise UnsupportedArchitectureError(
             f"{type(model).__name__} has no LM head; load the model with AutoModelForCausalLM, not AutoModel."
         )
-    return _ADAPTERS[model_type](model)
+    return ARCHITECTURES[model_type](model)

@@ -1,13 +1,14 @@
-"""Calibrating exit thresholds: per-token scores, the cascade policy, Learn-then-Test, and the config's table."""
+"""Calibrating exit thresholds: per-token scores, the cascade policy, Learn-then-Test, and writing the table that
+decoding reads (`early_exit.generation.thresholds`)."""
 
+from ..generation.thresholds import CalibrationTable, PolicyOutcome, select_thresholds, store_calibration
 from .calibrate import (
     DEFAULT_LEVELS,
     METHODS,
-    CalibrationError,
-    PolicyOutcome,
     binomial_cdf,
     calibrate_budget,
     calibrate_level,
+    calibrate_table,
     candidate_thresholds,
     evaluate_policy,
     exit_positions,
@@ -16,12 +17,10 @@ from .calibrate import (
     threshold_family,
 )
 from .scores import ExitScores, collect_exit_scores
-from .table import CalibrationTable, calibrate_table, select_thresholds, store_calibration
 
 __all__ = [
     "DEFAULT_LEVELS",
     "METHODS",
-    "CalibrationError",
     "CalibrationTable",
     "ExitScores",
     "PolicyOutcome",

@@ -20,50 +20,17 @@ A budget mode picks instead the most accurate policy of the family whose average
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..errors import EarlyExitError
+from ..errors import CalibrationError
+from ..generation.thresholds import CalibrationTable, PolicyOutcome
 from .scores import ExitScores
 
 DEFAULT_LEVELS = (0.80, 0.90, 0.95, 0.99)
 METHODS = ("ltt", "empirical")
 #: Per-exit precisions tried, strictest first (the order fixed-sequence testing needs).
 PRECISION_GRID = torch.linspace(1.0, 0.0, 201)
-
-
-class CalibrationError(EarlyExitError, ValueError):
-    """Calibration cannot give what was asked (too little data, or a level or budget out of reach)."""
-
-
-@dataclass
-class PolicyOutcome:
-    """How a set of thresholds behaves on a set of tokens.
-
-    Attributes:
-        thresholds: per exit; a token leaves at the first exit whose score reaches its threshold.
-        accuracy: share of tokens whose emitted token is the full model's.
-        mean_layers: average number of layers run per token.
-        exit_counts: tokens leaving at each exit, then those running to full depth.
-    """
-
-    thresholds: list[float]
-    accuracy: float
-    mean_layers: float
-    exit_counts: list[int] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        """JSON-ready (infinite thresholds, meaning "never exit here", become None)."""
-        values = asdict(self)
-        values["thresholds"] = [None if math.isinf(value) else value for value in self.thresholds]
-        return values
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "PolicyOutcome":
-        """The inverse of `to_dict`."""
-        thresholds = [math.inf if value is None else float(value) for value in values["thresholds"]]
-        return cls(thresholds, values["accuracy"], values["mean_layers"], list(values.get("exit_counts", [])))
 
 
 def exit_positions(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
@@ -91,7 +58,9 @@ def evaluate_policy(
     )
 
 
-def threshold_family(scores: torch.Tensor, correct: torch.Tensor, precisions: torch.Tensor = PRECISION_GRID) -> torch.Tensor:
+def threshold_family(
+    scores: torch.Tensor, correct: torch.Tensor, precisions: torch.Tensor = PRECISION_GRID
+) -> torch.Tensor:
     """(precisions, exits) thresholds: for each per-exit precision p, the cascade where each exit, on the tokens
     that earlier exits let through, takes the loosest threshold whose emitted tokens agree at rate >= p."""
     family = torch.full((len(precisions), scores.shape[1]), math.inf)
@@ -220,3 +189,29 @@ def calibrate_budget(scores: ExitScores, metric: str, mean_layers: float) -> Pol
             f"{shallowest:.2f} of {scores.num_layers} layers."
         )
     return max(within, key=lambda outcome: (outcome.accuracy, -outcome.mean_layers))
+
+
+def calibrate_table(
+    scores: ExitScores,
+    metric: str,
+    levels: tuple[float, ...] = DEFAULT_LEVELS,
+    method: str = "ltt",
+    delta: float = 0.1,
+    base_model_revision: str | None = None,
+) -> CalibrationTable:
+    """Calibrate `metric`'s thresholds for every level in `levels` (see `calibrate_level`); the table records the
+    vocabulary pruning `scores` were computed with."""
+    table = CalibrationTable(
+        metric,
+        method,
+        delta if method == "ltt" else None,
+        scores.num_tokens,
+        scores.data_hash,
+        base_model_revision,
+        list(scores.exit_layers),
+        vocab_pruning=scores.vocab_pruning,
+    )
+    family = candidate_thresholds(scores, metric, method)
+    for level in levels:
+        table.levels[float(level)] = calibrate_level(scores, metric, level, method, delta, family)
+    return table

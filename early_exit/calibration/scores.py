@@ -6,13 +6,12 @@ import hashlib
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from torch.utils.data import Dataset
 
 from ..confidence import get_confidence_metric
+from ..data import hidden_states_over_blocks
 from ..modeling_early_exit import EarlyExitForCausalLM
 from ..pruning import VocabPruner, VocabPruningConfig
-from ..training import DistillationCollator
 
 
 @dataclass
@@ -55,13 +54,14 @@ class ExitScores:
             ranks[values.argsort()] = torch.arange(1, len(values) + 1, dtype=torch.float64)
             # Tied scores share their average rank, so ties count one half as they should.
             unique, inverse = values.unique(return_inverse=True)
-            ranks = torch.zeros(len(unique), dtype=torch.float64).index_add_(0, inverse, ranks)[inverse] / torch.bincount(
-                inverse
-            )[inverse]
+            ranks = (
+                torch.zeros(len(unique), dtype=torch.float64).index_add_(0, inverse, ranks)[inverse]
+                / torch.bincount(inverse)[inverse]
+            )
             result.append(float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives)))
         return result
 
-    def subset(self, keep: torch.Tensor) -> "ExitScores":
+    def subset(self, keep: torch.Tensor) -> ExitScores:
         """The positions where the boolean `keep` is true."""
         return ExitScores(
             self.exit_layers,
@@ -97,33 +97,28 @@ def collect_exit_scores(
     scores: dict[str, list[torch.Tensor]] = {metric.name: [] for metric in resolved}
     correct, groups = [], []
     digest = hashlib.sha256()
-    model.eval()
     pruner = VocabPruner(vocab_pruning, exits)
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=DistillationCollator())
-    for index, batch in enumerate(tqdm(loader, desc="scoring exits", disable=None)):
-        batch = {name: tensor.to(model.device) for name, tensor in batch.items()}
-        mask = batch["attention_mask"].bool()
-        digest.update(batch["input_ids"][mask].cpu().numpy().tobytes())
+    for index, block in enumerate(hidden_states_over_blocks(model, dataset, batch_size, bf16, "scoring exits")):
+        mask = block.attention_mask.bool()
+        digest.update(block.input_ids[mask].cpu().numpy().tobytes())
         per_metric: dict[str, list[torch.Tensor]] = {metric.name: [] for metric in resolved}
         tokens, previous, token_ids = [], None, None
-        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
-            for layer, hidden in model.iter_layers(batch["input_ids"], batch["attention_mask"]):
-                if layer in exits:
-                    logits = model.exit_logits_at(layer, hidden, token_ids)
-                    top = logits.argmax(-1, keepdim=True)
-                    tokens.append((top if token_ids is None else token_ids.gather(-1, top))[..., 0][mask])
-                    for metric in resolved:
-                        per_metric[metric.name].append(metric(logits, hidden, previous)[mask])
-                    previous = hidden
-                    token_ids = pruner.next_tokens(exits.index(layer), logits, token_ids)
-            final = model.decoder.unembed(model.decoder.norm(hidden)).argmax(-1)[mask]
+        for exit_index, (layer, hidden) in enumerate(zip(exits, block.exit_states)):
+            logits = model.exit_logits_at(layer, hidden, token_ids)
+            top = logits.argmax(-1, keepdim=True)
+            tokens.append((top if token_ids is None else token_ids.gather(-1, top))[..., 0][mask])
+            for metric in resolved:
+                per_metric[metric.name].append(metric(logits, hidden, previous)[mask])
+            previous = hidden
+            token_ids = pruner.next_tokens(exit_index, logits, token_ids)
+        final = model.final_logits(block.final_state).argmax(-1)[mask]
         for name, values in per_metric.items():
             scores[name].append(torch.stack(values, dim=1).cpu())
         correct.append((torch.stack(tokens, dim=1) == final[:, None]).cpu())
         groups.append(torch.full((final.numel(),), index, dtype=torch.long))
     return ExitScores(
         exits,
-        model.decoder.num_layers,
+        model.num_layers,
         {name: torch.cat(values) for name, values in scores.items()},
         torch.cat(correct),
         torch.cat(groups),

@@ -9,10 +9,12 @@ passed in are those of the kept tokens only, and the metrics read them as a dist
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
+
+from ..registry import Registry
 
 #: A metric function: (logits, hidden, previous_hidden) -> scores; the last two may be None.
 MetricFunction = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
@@ -44,7 +46,10 @@ class ConfidenceMetric:
         return self.function(logits, hidden, previous_hidden).float()
 
 
-CONFIDENCE_METRICS: dict[str, ConfidenceMetric] = {}
+#: Metric name -> `ConfidenceMetric`.
+CONFIDENCE_METRICS: Registry[ConfidenceMetric] = Registry(
+    "confidence metric", "add one with @early_exit.register_confidence_metric('<name>')."
+)
 
 
 def register_confidence_metric(
@@ -57,10 +62,13 @@ def register_confidence_metric(
         ... def top2_ratio(logits, hidden, previous_hidden):
         ...     top = logits.float().topk(2, dim=-1).values
         ...     return top[..., 0] - top[..., 1]
+
+    Raises:
+        DuplicateNameError: a metric of that name is already registered.
     """
 
     def decorator(function: MetricFunction) -> MetricFunction:
-        CONFIDENCE_METRICS[name] = ConfidenceMetric(name, function, needs_hidden_states)
+        CONFIDENCE_METRICS.add(name, ConfidenceMetric(name, function, needs_hidden_states))
         return function
 
     return decorator
@@ -70,16 +78,9 @@ def get_confidence_metric(metric: str | ConfidenceMetric) -> ConfidenceMetric:
     """The registered metric called `metric` (a `ConfidenceMetric` is returned as it is).
 
     Raises:
-        ValueError: no metric has that name; the message lists the known ones.
+        UnknownNameError: no metric has that name; the message lists the known ones.
     """
-    if isinstance(metric, ConfidenceMetric):
-        return metric
-    if metric not in CONFIDENCE_METRICS:
-        raise ValueError(
-            f"Unknown confidence metric {metric!r}. Known metrics: {', '.join(sorted(CONFIDENCE_METRICS))}; add one "
-            "with @early_exit.register_confidence_metric('<name>')."
-        )
-    return CONFIDENCE_METRICS[metric]
+    return metric if isinstance(metric, ConfidenceMetric) else CONFIDENCE_METRICS[metric]
 
 
 def _log_probs(logits: torch.Tensor) -> torch.Tensor:

@@ -11,16 +11,16 @@ import ast
 import hashlib
 import os
 import sysconfig
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from . import format_prompt, load_prompts
+from .prompts import format_prompt, load_prompts
 
 SPLITS = ("train", "calibration", "eval")
 #: Share of each source that goes to each split (hashing names, so the split of a file never changes).
@@ -183,7 +183,7 @@ class TokenBlocks(Dataset):
     blocks: list[list[int]]
 
     @classmethod
-    def pack(cls, sequences: Iterable[list[int]], block_size: int, separator_id: int | None) -> "TokenBlocks":
+    def pack(cls, sequences: Iterable[list[int]], block_size: int, separator_id: int | None) -> TokenBlocks:
         """Concatenate `sequences` (with `separator_id` between them, if given) and cut into `block_size` blocks."""
         if block_size < 2:
             raise ValueError(f"block_size must be at least 2, got {block_size}.")

@@ -19,17 +19,21 @@ others until then (at no extra time: the layers run for the batch anyway), so th
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-from transformers.cache_utils import Cache
+from torch import nn
+from transformers import GenerationConfig
+from transformers.cache_utils import Cache, DynamicCache
 
+from ..heads import exit_logits
 from ..pruning import VocabPruner, scatter_to_vocabulary
-from .policy import KV_STRATEGIES, ExitPolicy
+from .policy import ExitPolicy
 
 if TYPE_CHECKING:
-    from ..modeling_early_exit import EarlyExitForCausalLM
+    from ..architectures import DecoderAdapter
 
 
 @dataclass
@@ -92,22 +96,24 @@ class _ExitSearch:
 
 
 class LayerwiseDecoder:
-    """Runs an `EarlyExitForCausalLM` one token at a time, layer by layer, under an `ExitPolicy`.
+    """Runs a model with exit heads one token at a time, layer by layer, under an `ExitPolicy`.
 
     Args:
-        model: the model with heads.
+        decoder: the base model's layer-by-layer adapter.
+        heads: the exit head after each exit layer, by layer number.
         policy: where tokens may leave.
-        kv_strategy: "deferred" (exact) or "propagate" (see the module docstring).
-
-    Raises:
-        ValueError: an unknown `kv_strategy`.
+        kv_strategy: "deferred" (exact) or "propagate" (see the module docstring); checked by `ExitDecodingConfig`.
     """
 
-    def __init__(self, model: "EarlyExitForCausalLM", policy: ExitPolicy, kv_strategy: str = "deferred") -> None:
-        if kv_strategy not in KV_STRATEGIES:
-            raise ValueError(f"Unknown kv_strategy {kv_strategy!r}; choose one of {', '.join(KV_STRATEGIES)}.")
-        self.model = model
-        self.decoder = model.decoder
+    def __init__(
+        self,
+        decoder: DecoderAdapter,
+        heads: Mapping[int, nn.Module],
+        policy: ExitPolicy,
+        kv_strategy: str = "deferred",
+    ) -> None:
+        self.decoder = decoder
+        self.heads = heads
         self.policy = policy
         self.kv_strategy = kv_strategy
         active = policy.active_exits
@@ -135,7 +141,7 @@ class LayerwiseDecoder:
         past = cache.get_seq_length()
         hidden = self.decoder.embed(input_ids, position_ids[:, past:])
         hidden, _, _ = self._run_layers(hidden, past, attention_mask, position_ids, cache)
-        return self.decoder.unembed(self.decoder.norm(hidden[:, -1:]))[:, 0]
+        return self.decoder.final_logits(hidden[:, -1:])[:, 0]
 
     @torch.no_grad()
     def step(
@@ -166,7 +172,7 @@ class LayerwiseDecoder:
                 self.decoder.propagate_kv(index, newest, inputs)
             self.stats.fill_seconds += time.perf_counter() - started
         if layers == self.num_layers:
-            final = self.decoder.unembed(self.decoder.norm(chunk[:, -1:]))[:, 0]
+            final = self.decoder.final_logits(chunk[:, -1:])[:, 0]
             self._decide(search, ~search.decided, final, self.num_layers)
         return search.logits
 
@@ -190,7 +196,7 @@ class LayerwiseDecoder:
         search, chunk, layers, _ = self._search(input_ids, attention_mask, position_ids, cache, unfinished)
         if layers < self.num_layers:
             return search.logits, None
-        return None, self.decoder.unembed(self.decoder.norm(chunk))
+        return None, self.decoder.final_logits(chunk)
 
     @torch.no_grad()
     def verify(
@@ -204,7 +210,7 @@ class LayerwiseDecoder:
         pass; returns their final logits, (batch, positions, vocab), the newest last."""
         hidden = self.decoder.embed(input_ids, position_ids[:, -1:])
         chunk, _, _ = self._run_layers(hidden, position_ids.shape[1] - 1, attention_mask, position_ids, cache)
-        return self.decoder.unembed(self.decoder.norm(chunk))
+        return self.decoder.final_logits(chunk)
 
     @torch.no_grad()
     def finish(self) -> None:
@@ -230,7 +236,12 @@ class LayerwiseDecoder:
             exit_layers=torch.zeros(batch, dtype=torch.long, device=input_ids.device),
         )
         chunk, layers, inputs = self._run_layers(
-            hidden, end - 1, attention_mask, position_ids, cache, stop=lambda layer, chunk: self._exit(layer, chunk, search)
+            hidden,
+            end - 1,
+            attention_mask,
+            position_ids,
+            cache,
+            stop=lambda layer, chunk: self._exit(layer, chunk, search),
         )
         self.stats.exit_layers.append(search.exit_layers)
         self.stats.layers_run.append(layers)
@@ -273,7 +284,7 @@ class LayerwiseDecoder:
             return False
         started = time.perf_counter()
         hidden = chunk[:, -1:]
-        logits = self.model.exit_logits_at(layer, hidden, search.token_ids)
+        logits = exit_logits(self.heads[layer], hidden, self.decoder, search.token_ids)
         scores = self.policy.metric(logits, hidden, search.previous_hidden)[:, 0]
         confident = (scores >= self.policy.thresholds[index]) & ~search.decided
         if confident.any():
@@ -293,3 +304,22 @@ class LayerwiseDecoder:
         search.logits[rows] = logits[rows].to(search.logits.dtype)
         search.exit_layers[rows] = layer
         search.decided |= rows
+
+
+def start_decoding(
+    model, input_ids: torch.LongTensor, generation_config: GenerationConfig, synced_gpus: bool, model_kwargs: dict
+) -> tuple[torch.Tensor | None, torch.LongTensor, DynamicCache]:
+    """What a decoding loop starts from: the attention mask (`None` when nothing is padded), the position ids of
+    the prompt (left padding counted as `generate` counts it) and the cache. Refuses what no loop here supports."""
+    if generation_config.num_beams > 1:
+        raise ValueError("Beam search is not supported with early exits; use greedy decoding or sampling.")
+    if synced_gpus:
+        raise ValueError("Early-exit decoding does not support synced_gpus (DeepSpeed ZeRO-3 / FSDP generation).")
+    attention_mask = model_kwargs.get("attention_mask")
+    position_ids = model_kwargs.get("position_ids")
+    if position_ids is None:
+        position_ids = model._prepare_position_ids_for_generation(input_ids, {"attention_mask": attention_mask})
+    cache = model_kwargs.get("past_key_values")
+    if cache is None:
+        cache = DynamicCache(config=model.config)
+    return attention_mask, position_ids, cache

@@ -8,16 +8,25 @@ token for token, so a policy that never exits reproduces `base.generate` exactly
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 from transformers import GenerationConfig
-from transformers.cache_utils import DynamicCache
 from transformers.generation import GenerateDecoderOnlyOutput, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from .decoding import DecodingStatistics, LayerwiseDecoder
+from .decoding import DecodingStatistics, LayerwiseDecoder, start_decoding
+from .options import ExitDecodingConfig
+from .policy import resolve_exit_policy
+from .speculative import speculative_decoding_function
+
+if TYPE_CHECKING:
+    from ..architectures import DecoderAdapter
+    from ..configuration_early_exit import EarlyExitConfig
 
 
 @dataclass
@@ -116,25 +125,43 @@ def early_exit_sampling(
     )
 
 
-def start_decoding(
-    model, input_ids: torch.LongTensor, generation_config: GenerationConfig, synced_gpus: bool, model_kwargs: dict
-) -> tuple[torch.Tensor | None, torch.LongTensor, DynamicCache]:
-    """What a decoding loop starts from: the attention mask (`None` when nothing is padded), the position ids of
-    the prompt (left padding counted as `generate` counts it) and the cache. Refuses what no loop here supports."""
-    if generation_config.num_beams > 1:
-        raise ValueError("Beam search is not supported with early exits; use greedy decoding or sampling.")
-    if synced_gpus:
-        raise ValueError("Early-exit decoding does not support synced_gpus (DeepSpeed ZeRO-3 / FSDP generation).")
-    attention_mask = model_kwargs.get("attention_mask")
-    position_ids = model_kwargs.get("position_ids")
-    if position_ids is None:
-        position_ids = model._prepare_position_ids_for_generation(input_ids, {"attention_mask": attention_mask})
-    cache = model_kwargs.get("past_key_values")
-    if cache is None:
-        cache = DynamicCache(config=model.config)
-    return attention_mask, position_ids, cache
-
-
 def decoding_function(layerwise: LayerwiseDecoder, streamer: BaseStreamer | None = None):
     """The `custom_generate` callable that makes `base.generate` decode with `layerwise`, streaming to `streamer`."""
     return partial(early_exit_sampling, layerwise=layerwise, token_streamer=streamer)
+
+
+def generate_with_exits(
+    base: nn.Module,
+    decoder: DecoderAdapter,
+    heads: Mapping[int, nn.Module],
+    config: EarlyExitConfig,
+    options: ExitDecodingConfig,
+    inputs: torch.LongTensor | None = None,
+    generation_config: GenerationConfig | None = None,
+    logits_processor: LogitsProcessorList | None = None,
+    stopping_criteria: StoppingCriteriaList | None = None,
+    streamer: BaseStreamer | None = None,
+    **kwargs,
+) -> EarlyExitGenerateOutput | torch.LongTensor:
+    """`base.generate(...)` with the decoding loop `options` ask for plugged in, running `decoder` layer by layer with
+    the exit `heads` (by layer number) described by `config` (see `EarlyExitForCausalLM.generate`); the other
+    arguments are `generate`'s own.
+
+    Raises:
+        CalibrationError: a level the heads are not calibrated for.
+        InvalidOptionError: `options` that do not fit these heads.
+    """
+    policy = resolve_exit_policy(config, decoder.num_layers, options)
+    layerwise = LayerwiseDecoder(decoder, heads, policy, options.kv_strategy)
+    if options.speculative:
+        decode = speculative_decoding_function(layerwise, options.max_draft_tokens, streamer)
+    else:
+        decode = decoding_function(layerwise, streamer)
+    return base.generate(
+        inputs,
+        generation_config=generation_config,
+        logits_processor=logits_processor,
+        stopping_criteria=stopping_criteria,
+        custom_generate=decode,
+        **kwargs,
+    )

@@ -36,11 +36,8 @@ from transformers.generation import (
 )
 from transformers.generation.streamers import BaseStreamer
 
-from .decoding import LayerwiseDecoder
-from .generate import start_decoding
-
-#: Drafts per cycle unless `generate` is told otherwise; the exits' confidence usually ends a draft sooner.
-DEFAULT_MAX_DRAFT_TOKENS = 8
+from .decoding import LayerwiseDecoder, start_decoding
+from .options import DEFAULT_MAX_DRAFT_TOKENS
 
 
 @dataclass

@@ -1,6 +1,15 @@
 """Exit head types and their registry."""
 
-from .layer import HEAD_TYPES, ExitHead, LinearHead, LogitLensHead, ResidualAdapterHead, build_head, register_head_type
+from .layer import (
+    HEAD_TYPES,
+    ExitHead,
+    LinearHead,
+    LogitLensHead,
+    ResidualAdapterHead,
+    build_head,
+    exit_logits,
+    register_head_type,
+)
 
 __all__ = [
     "HEAD_TYPES",
@@ -9,5 +18,6 @@ __all__ = [
     "LogitLensHead",
     "ResidualAdapterHead",
     "build_head",
+    "exit_logits",
     "register_head_type",
 ]

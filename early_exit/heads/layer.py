@@ -7,12 +7,14 @@ registered as the head's submodules nor saved with it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import nn
 
-from ..pruning import project_rows
+from ..kernels import project_rows
+from ..registry import Registry
 
 if TYPE_CHECKING:
     from ..architectures import DecoderAdapter
@@ -26,45 +28,51 @@ class ExitHead(nn.Module):
     """
 
     @classmethod
-    def build(cls, decoder: "DecoderAdapter", config: "EarlyExitConfig") -> "ExitHead":
+    def build(cls, decoder: DecoderAdapter, config: EarlyExitConfig) -> ExitHead:
         """A new head for the base model behind `decoder`, configured by `config`."""
         raise NotImplementedError
 
     def forward(
-        self, hidden: torch.Tensor, decoder: "DecoderAdapter", token_ids: torch.Tensor | None = None
+        self, hidden: torch.Tensor, decoder: DecoderAdapter, token_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Logits over the vocabulary from the hidden state `hidden` (batch, seq, hidden_size); with `token_ids`
         (batch, seq, k), over those tokens only (vocabulary pruning)."""
         raise NotImplementedError
 
 
-HEAD_TYPES: dict[str, type[ExitHead]] = {}
+#: Head type name (`EarlyExitConfig.head_type`) -> `ExitHead` subclass.
+HEAD_TYPES: Registry[type[ExitHead]] = Registry(
+    "head type", "add one with @early_exit.register_head_type('<name>') on an ExitHead subclass."
+)
 HeadClass = TypeVar("HeadClass", bound=type[ExitHead])
 
 
 def register_head_type(name: str) -> Callable[[HeadClass], HeadClass]:
-    """Class decorator: make an `ExitHead` subclass available as `EarlyExitConfig(head_type=name)`."""
+    """Class decorator: make an `ExitHead` subclass available as `EarlyExitConfig(head_type=name)`.
 
-    def decorator(cls: HeadClass) -> HeadClass:
-        HEAD_TYPES[name] = cls
-        return cls
+    Raises:
+        DuplicateNameError: a head type of that name is already registered.
+    """
+    return HEAD_TYPES.register(name)
 
-    return decorator
 
-
-def build_head(decoder: "DecoderAdapter", config: "EarlyExitConfig") -> ExitHead:
+def build_head(decoder: DecoderAdapter, config: EarlyExitConfig) -> ExitHead:
     """A head of type `config.head_type`, on the base model's device and in its dtype.
 
     Raises:
-        ValueError: the head type is not registered (the message lists the known ones).
+        UnknownNameError: the head type is not registered (the message lists the known ones).
     """
-    if config.head_type not in HEAD_TYPES:
-        raise ValueError(
-            f"Unknown head_type {config.head_type!r}. Known head types: {', '.join(sorted(HEAD_TYPES))}; "
-            "add one with @early_exit.heads.register_head_type('<name>')."
-        )
     weight = decoder.lm_head.weight
     return HEAD_TYPES[config.head_type].build(decoder, config).to(device=weight.device, dtype=weight.dtype)
+
+
+def exit_logits(
+    head: nn.Module, hidden: torch.Tensor, decoder: DecoderAdapter, token_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`head`'s logits from the hidden state after its layer (batch, seq, hidden); with `token_ids` (batch, seq, k),
+    only those tokens' logits (vocabulary pruning)."""
+    # Heads written without vocabulary pruning in mind take two arguments; they still work unpruned.
+    return head(hidden, decoder) if token_ids is None else head(hidden, decoder, token_ids)
 
 
 @register_head_type("logit_lens")
@@ -72,13 +80,13 @@ class LogitLensHead(ExitHead):
     """No parameters: the base's own final norm and LM head applied to the intermediate state (LITE-style models)."""
 
     @classmethod
-    def build(cls, decoder: "DecoderAdapter", config: "EarlyExitConfig") -> "LogitLensHead":
+    def build(cls, decoder: DecoderAdapter, config: EarlyExitConfig) -> LogitLensHead:
         return cls()
 
     def forward(
-        self, hidden: torch.Tensor, decoder: "DecoderAdapter", token_ids: torch.Tensor | None = None
+        self, hidden: torch.Tensor, decoder: DecoderAdapter, token_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return decoder.unembed(decoder.norm(hidden), token_ids)
+        return decoder.final_logits(hidden, token_ids)
 
 
 @register_head_type("residual_adapter")
@@ -97,7 +105,7 @@ class ResidualAdapterHead(LogitLensHead):
         nn.init.zeros_(self.up.weight)
 
     @classmethod
-    def build(cls, decoder: "DecoderAdapter", config: "EarlyExitConfig") -> "ResidualAdapterHead":
+    def build(cls, decoder: DecoderAdapter, config: EarlyExitConfig) -> ResidualAdapterHead:
         return cls(decoder.hidden_size, config.adapter_size or decoder.hidden_size)
 
     def adapt(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -105,7 +113,7 @@ class ResidualAdapterHead(LogitLensHead):
         return hidden + self.up(nn.functional.silu(self.down(self.norm(hidden))))
 
     def forward(
-        self, hidden: torch.Tensor, decoder: "DecoderAdapter", token_ids: torch.Tensor | None = None
+        self, hidden: torch.Tensor, decoder: DecoderAdapter, token_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
         return super().forward(self.adapt(hidden), decoder, token_ids)
 
@@ -124,7 +132,7 @@ class LinearHead(ExitHead):
         self.proj = nn.Linear(hidden_size, vocab_size, bias=False)
 
     @classmethod
-    def build(cls, decoder: "DecoderAdapter", config: "EarlyExitConfig") -> "LinearHead":
+    def build(cls, decoder: DecoderAdapter, config: EarlyExitConfig) -> LinearHead:
         head = cls(decoder.hidden_size, decoder.vocab_size)
         unembedding = decoder.lm_head.weight
         if unembedding.shape == head.proj.weight.shape:
@@ -133,6 +141,6 @@ class LinearHead(ExitHead):
         return head
 
     def forward(
-        self, hidden: torch.Tensor, decoder: "DecoderAdapter", token_ids: torch.Tensor | None = None
+        self, hidden: torch.Tensor, decoder: DecoderAdapter, token_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
         return project_rows(self.norm(hidden), self.proj.weight, None, token_ids)

@@ -13,11 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..errors import EarlyExitError
-
-
-class VocabPruningError(EarlyExitError, ValueError):
-    """A vocabulary pruning setting that cannot be used."""
+from ..errors import VocabPruningError
 
 
 @dataclass
@@ -58,12 +54,23 @@ class VocabPruningConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: "dict | VocabPruningConfig | int | None") -> "VocabPruningConfig | None":
-        """A config from its dict form (an int is a fixed `top_k`; `None` stays `None`)."""
+    def from_dict(cls, values: dict | VocabPruningConfig | int | None) -> VocabPruningConfig | None:
+        """A config from its dict form (an int is a fixed `top_k`; `None` stays `None`).
+
+        Raises:
+            VocabPruningError: a dict with unknown or missing fields, or a value of another type.
+        """
         if values is None or isinstance(values, VocabPruningConfig):
             return values
-        if isinstance(values, int):
+        if isinstance(values, int) and not isinstance(values, bool):
             return cls(top_k=values)
+        if not isinstance(values, dict):
+            raise VocabPruningError(f"A vocabulary pruning setting must be a dict or a top-k, got {values!r}.")
+        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
+        if unknown or "top_k" not in values:
+            raise VocabPruningError(
+                f"A vocabulary pruning setting needs top_k and may have prune_at; got fields {sorted(values)}."
+            )
         return cls(**values)
 
 
@@ -88,9 +95,7 @@ class VocabPruner:
             prune_layer = config.prune_at if config.prune_at is not None else exit_layers[first_scored_exit]
             self.prune_index = max(exit_layers.index(prune_layer), first_scored_exit)
 
-    def next_tokens(
-        self, exit_index: int, logits: torch.Tensor, token_ids: torch.Tensor | None
-    ) -> torch.Tensor | None:
+    def next_tokens(self, exit_index: int, logits: torch.Tensor, token_ids: torch.Tensor | None) -> torch.Tensor | None:
         """The token ids the exit after `exit_index` should score, given this exit's `logits` over `token_ids`
         (`None`: the full vocabulary). Returns `None` while pruning has not started."""
         if self.prune_index is None or exit_index < self.prune_index:
@@ -100,27 +105,6 @@ class VocabPruner:
             return token_ids
         top = logits.topk(keep, dim=-1).indices
         return top if token_ids is None else token_ids.gather(-1, top)
-
-
-def project_rows(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, token_ids: torch.Tensor | None
-) -> torch.Tensor:
-    """`hidden @ weight.T + bias` restricted to the output rows `token_ids` (shape `hidden.shape[:-1] + (k,)`), or
-    over all rows when `token_ids` is `None`."""
-    if token_ids is None:
-        positions = hidden.shape[:-1].numel()
-        if hidden.device.type == "cpu" and 1 < positions <= 16:
-            # A few positions at once (speculative verification): on CPUs, `linear` picks a kernel about 3x slower
-            # here than the weight-major product, which reads the weight once as for a single position.
-            logits = (weight @ hidden.reshape(positions, -1).T).T.reshape(*hidden.shape[:-1], -1)
-            return logits if bias is None else logits + bias
-        return torch.nn.functional.linear(hidden, weight, bias)
-    if hidden.shape[:-1].numel() * token_ids.shape[-1] < weight.shape[0]:
-        # Decoding: few positions, so gather the k rows of the weight and multiply by those only.
-        logits = torch.einsum("...d,...kd->...k", hidden, weight[token_ids])
-        return logits if bias is None else logits + bias[token_ids]
-    # Many positions (calibration): one full matmul and a gather move less memory than a weight copy per position.
-    return torch.nn.functional.linear(hidden, weight, bias).gather(-1, token_ids)
 
 
 def scatter_to_vocabulary(logits: torch.Tensor, token_ids: torch.Tensor | None, vocab_size: int) -> torch.Tensor:

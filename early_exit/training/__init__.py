@@ -1,16 +1,20 @@
-"""Self-supervised training of exit heads: the distillation loss, `EarlyExitTrainer`, the hidden-state cache."""
+"""Self-supervised training of exit heads: the distillation loss, `EarlyExitTrainer`, the hidden-state cache, and
+the agreement measures that evaluate heads."""
 
+from .evaluation import ExitAgreement, held_out_agreement, measure_agreement
 from .hidden_cache import HiddenStateCache, estimate_cache_bytes
 from .loss import WEIGHTING_SCHEMES, exit_distillation_loss, exit_weights
-from .trainer import DistillationCollator, EarlyExitTrainer, EarlyExitTrainingArguments
+from .trainer import EarlyExitTrainer, EarlyExitTrainingArguments
 
 __all__ = [
     "WEIGHTING_SCHEMES",
-    "DistillationCollator",
     "EarlyExitTrainer",
     "EarlyExitTrainingArguments",
+    "ExitAgreement",
     "HiddenStateCache",
     "estimate_cache_bytes",
     "exit_distillation_loss",
     "exit_weights",
+    "held_out_agreement",
+    "measure_agreement",
 ]

@@ -11,9 +11,10 @@ import sys
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from ..data import hidden_states_over_blocks
 from ..modeling_early_exit import EarlyExitForCausalLM
 
 
@@ -57,30 +58,29 @@ class HiddenStateCache(Dataset):
         cls,
         model: EarlyExitForCausalLM,
         dataset: Dataset,
-        collate_fn,
         batch_size: int = 8,
         dtype: torch.dtype | None = None,
-    ) -> "HiddenStateCache":
+    ) -> HiddenStateCache:
         """Run `model`'s base over `dataset` once and keep the hidden states at its exits and last layer.
 
         Args:
             model: the model whose exit layers to cache (its base must be frozen: a jointly tuned base changes
                 while training, so its hidden states cannot be cached).
             dataset: items with `input_ids` and `attention_mask`, as `TokenBlocks` gives them.
-            collate_fn: pads items into a batch (e.g. `DistillationCollator()`).
             batch_size: sequences per backbone pass.
             dtype: dtype to store the states in (default: the model's); `torch.bfloat16` halves a float32 cache.
+
+        Raises:
+            MemoryError: the cache would take more than 80% of this machine's memory (checked before any work).
         """
         dtype = dtype or model.dtype
-        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn)
-        batches = list(loader)
-        width = max(batch["input_ids"].shape[1] for batch in batches)
-        num_tokens = len(dataset) * width
-        needed = estimate_cache_bytes(num_tokens, len(model.exit_layers), model.decoder.hidden_size, dtype)
+        count, hidden_size = len(dataset), model.hidden_size
+        width = max(len(dataset[index]["input_ids"]) for index in range(count))
+        needed = estimate_cache_bytes(count * width, len(model.exit_layers), hidden_size, dtype)
         available = _physical_memory_bytes()
         tqdm.write(
-            f"Caching hidden states: {len(dataset)} sequences x {width} positions x {len(model.exit_layers) + 1} "
-            f"layers x {model.decoder.hidden_size} ({dtype}) = {needed / 2**30:.2f} GiB"
+            f"Caching hidden states: {count} sequences x {width} positions x {len(model.exit_layers) + 1} "
+            f"layers x {hidden_size} ({dtype}) = {needed / 2**30:.2f} GiB"
             + (f" of {available / 2**30:.1f} GiB memory" if available else ""),
             file=sys.stderr,
         )
@@ -90,27 +90,18 @@ class HiddenStateCache(Dataset):
                 f"{available / 2**30:.1f} GiB: train on fewer tokens, cache in torch.bfloat16, or train without the "
                 "cache."
             )
-        exits = set(model.exit_layers)
-        count, hidden_size = len(dataset), model.decoder.hidden_size
         cache = cls(
-            torch.zeros(count, len(exits), width, hidden_size, dtype=dtype),
+            torch.zeros(count, len(model.exit_layers), width, hidden_size, dtype=dtype),
             torch.zeros(count, width, hidden_size, dtype=dtype),
             torch.zeros(count, width, dtype=torch.long),
         )
-        was_training = model.training
-        model.eval()
         start = 0
-        for batch in tqdm(batches, desc="caching hidden states", disable=None):
-            batch = {name: tensor.to(model.device) for name, tensor in batch.items()}
-            rows, length = batch["input_ids"].shape
-            states = [
-                hidden
-                for layer, hidden in model.iter_layers(batch["input_ids"], batch["attention_mask"])
-                if layer in exits or layer == model.decoder.num_layers
-            ]
-            cache.exit_hidden_states[start : start + rows, :, :length] = torch.stack(states[:-1], dim=1).to("cpu", dtype)
-            cache.final_hidden_states[start : start + rows, :length] = states[-1].to("cpu", dtype)
-            cache.attention_mask[start : start + rows, :length] = batch["attention_mask"].to("cpu")
+        for block in hidden_states_over_blocks(model, dataset, batch_size, description="caching hidden states"):
+            rows, length = block.input_ids.shape
+            cache.exit_hidden_states[start : start + rows, :, :length] = torch.stack(block.exit_states, dim=1).to(
+                "cpu", dtype
+            )
+            cache.final_hidden_states[start : start + rows, :length] = block.final_state.to("cpu", dtype)
+            cache.attention_mask[start : start + rows, :length] = block.attention_mask.to("cpu")
             start += rows
-        model.train(was_training)
         return cache

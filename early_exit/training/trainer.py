@@ -17,12 +17,11 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
 from ..architectures import unwrap_model
+from ..data import DistillationCollator
 from ..modeling_early_exit import EarlyExitForCausalLM
+from .evaluation import ExitAgreement
 from .hidden_cache import HiddenStateCache
 from .loss import exit_distillation_loss, exit_weights
-
-#: Batch keys whose position axis is padded by `DistillationCollator`.
-_TOKEN_KEYS = ("input_ids", "attention_mask")
 
 
 @dataclass
@@ -57,24 +56,6 @@ class EarlyExitTrainingArguments(TrainingArguments):
         if "," in scheme or scheme.replace(".", "", 1).isdigit():
             return exit_weights(exit_layers, [float(value) for value in scheme.split(",")])
         return exit_weights(exit_layers, scheme)
-
-
-@dataclass
-class DistillationCollator:
-    """Batches token blocks (right-padding `input_ids` and `attention_mask`) or cached hidden states (stacked)."""
-
-    pad_token_id: int = 0
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        width = max(len(feature["attention_mask"]) for feature in features)
-        batch = {}
-        for name in features[0]:
-            tensors = [torch.as_tensor(feature[name]) for feature in features]
-            if name in _TOKEN_KEYS:
-                value = self.pad_token_id if name == "input_ids" else 0
-                tensors = [nn.functional.pad(tensor, (0, width - tensor.shape[0]), value=value) for tensor in tensors]
-            batch[name] = torch.stack(tensors)
-        return batch
 
 
 class EarlyExitTrainer(Trainer):
@@ -125,7 +106,7 @@ class EarlyExitTrainer(Trainer):
             dtype = getattr(torch, args.cache_dtype) if args.cache_dtype else None
 
             def cache(dataset: Dataset) -> HiddenStateCache:
-                return HiddenStateCache.build(model, dataset, data_collator, args.per_device_eval_batch_size, dtype)
+                return HiddenStateCache.build(model, dataset, args.per_device_eval_batch_size, dtype)
 
             train_dataset = cache(train_dataset) if train_dataset is not None else None
             if isinstance(eval_dataset, dict):
@@ -161,7 +142,7 @@ class EarlyExitTrainer(Trainer):
             exit_logits = [inner.exit_logits_at(layer, states[:, i]) for i, layer in enumerate(inner.exit_layers)]
             with torch.no_grad():
                 final = inputs["final_hidden_states"].to(inner.dtype)
-                teacher = inner.decoder.unembed(inner.decoder.norm(final))
+                teacher = inner.final_logits(final)
             return exit_logits, teacher, teacher
         output = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
         if not self.joint_tuning:
@@ -188,7 +169,9 @@ class EarlyExitTrainer(Trainer):
         }
         loss = exit_distillation_loss(exit_logits, teacher_logits, weights=self.exit_loss_weights, **settings)
         if self.joint_tuning:
-            loss = loss + self.args.final_layer_weight * exit_distillation_loss([final_logits], teacher_logits, **settings)
+            loss = loss + self.args.final_layer_weight * exit_distillation_loss(
+                [final_logits], teacher_logits, **settings
+            )
         return loss
 
     def compute_loss(
@@ -229,13 +212,11 @@ class EarlyExitTrainer(Trainer):
             for name, part in dataset.items():
                 metrics.update(self.evaluate(part, ignore_keys, f"{metric_key_prefix}_{name}"))
             return metrics
-        from ..evaluation import ExitAgreement  # here, not at the top: evaluation imports this package's loss
-
         inner: EarlyExitForCausalLM = self.accelerator.unwrap_model(self.model)
         was_training = inner.training
         inner.eval()
-        exits = ExitAgreement(inner.exit_layers, inner.decoder.num_layers)
-        final = ExitAgreement([inner.decoder.num_layers], inner.decoder.num_layers)
+        exits = ExitAgreement(inner.exit_layers, inner.num_layers)
+        final = ExitAgreement([inner.num_layers], inner.num_layers)
         loss_sum = torch.zeros((), dtype=torch.float64)
         for inputs in self.get_eval_dataloader(dataset):
             inputs = self._prepare_inputs(inputs)
@@ -245,7 +226,9 @@ class EarlyExitTrainer(Trainer):
                 exits.add(exit_logits, final_logits, mask)
                 if self.joint_tuning:
                     final.add([final_logits], teacher_logits, mask)
-                loss_sum += self._loss(exit_logits, final_logits, teacher_logits, mask).double().cpu() * mask.sum().cpu()
+                loss_sum += (
+                    self._loss(exit_logits, final_logits, teacher_logits, mask).double().cpu() * mask.sum().cpu()
+                )
         inner.train(was_training)
         totals = torch.tensor([exits.tokens, *exits.agreeing, *exits.kl_sums, final.kl_sums[0]], dtype=torch.float64)
         totals = torch.cat([totals, loss_sum.reshape(1)])

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
+from torch.utils.data import Dataset
 
-from .modeling_early_exit import EarlyExitForCausalLM
-from .training.loss import exit_distillation_loss
+from ..data import hidden_states_over_blocks
+from ..modeling_early_exit import EarlyExitForCausalLM
+from .loss import exit_distillation_loss
 
 
 @dataclass
@@ -82,7 +84,21 @@ def measure_agreement(
         positions: boolean (batch, seq): which positions' next-token predictions to count.
         into: an `ExitAgreement` to add these counts to, so several batches can be accumulated.
     """
-    result = into or ExitAgreement(model.exit_layers, model.decoder.num_layers)
+    result = into or ExitAgreement(model.exit_layers, model.num_layers)
     output = model(input_ids, attention_mask=attention_mask, use_cache=False)
     result.add(output.exit_logits, output.logits, positions)
+    return result
+
+
+@torch.no_grad()
+def held_out_agreement(
+    model: EarlyExitForCausalLM, dataset: Dataset, batch_size: int = 4, bf16: bool = False
+) -> ExitAgreement:
+    """Each exit's top-1 agreement with (and KL from) the final layer over every position of `dataset`'s blocks."""
+    result = ExitAgreement(model.exit_layers, model.num_layers)
+    for block in hidden_states_over_blocks(model, dataset, batch_size, bf16, "held-out agreement"):
+        exit_logits = [
+            model.exit_logits_at(layer, hidden) for layer, hidden in zip(model.exit_layers, block.exit_states)
+        ]
+        result.add(exit_logits, model.final_logits(block.final_state), block.attention_mask.bool())
     return result

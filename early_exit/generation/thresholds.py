@@ -1,13 +1,47 @@
-"""The calibration table: accuracy levels to per-exit thresholds, kept in the heads' config and chosen at run time."""
+"""The thresholds table: accuracy levels to per-exit thresholds, as calibration stores it in the heads' config and
+decoding reads it back.
+
+Calibration (`early_exit.calibration`, the tools wing) writes these records; generation reads them. They live here,
+beside the runtime that reads them, so that decoding never imports calibration's data collection.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import asdict, dataclass, field
 
 from ..configuration_early_exit import EarlyExitConfig
+from ..errors import CalibrationError
 from ..pruning import VocabPruningConfig
-from .calibrate import DEFAULT_LEVELS, CalibrationError, PolicyOutcome, calibrate_level, candidate_thresholds
-from .scores import ExitScores
+
+
+@dataclass
+class PolicyOutcome:
+    """How a set of thresholds behaves on a set of tokens.
+
+    Attributes:
+        thresholds: per exit; a token leaves at the first exit whose score reaches its threshold.
+        accuracy: share of tokens whose emitted token is the full model's.
+        mean_layers: average number of layers run per token.
+        exit_counts: tokens leaving at each exit, then those running to full depth.
+    """
+
+    thresholds: list[float]
+    accuracy: float
+    mean_layers: float
+    exit_counts: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """JSON-ready (infinite thresholds, meaning "never exit here", become None)."""
+        values = asdict(self)
+        values["thresholds"] = [None if math.isinf(value) else value for value in self.thresholds]
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict) -> PolicyOutcome:
+        """The inverse of `to_dict`."""
+        thresholds = [math.inf if value is None else float(value) for value in values["thresholds"]]
+        return cls(thresholds, values["accuracy"], values["mean_layers"], list(values.get("exit_counts", [])))
 
 
 @dataclass
@@ -48,7 +82,7 @@ class CalibrationTable:
         return values
 
     @classmethod
-    def from_dict(cls, values: dict) -> "CalibrationTable":
+    def from_dict(cls, values: dict) -> CalibrationTable:
         """The inverse of `to_dict`."""
         fields = {name: values.get(name) for name in cls.__dataclass_fields__ if name != "levels"}
         levels = {float(level): PolicyOutcome.from_dict(outcome) for level, outcome in values["levels"].items()}
@@ -63,26 +97,6 @@ def table_key(metric: str, vocab_pruning: VocabPruningConfig | None = None) -> s
     schedule = "-".join(str(k) for k in vocab_pruning.schedule)
     at = f"@layer{vocab_pruning.prune_at}" if vocab_pruning.prune_at is not None else ""
     return f"{metric}+top{schedule}{at}"
-
-
-def calibrate_table(
-    scores: ExitScores,
-    metric: str,
-    levels: tuple[float, ...] = DEFAULT_LEVELS,
-    method: str = "ltt",
-    delta: float = 0.1,
-    base_model_revision: str | None = None,
-) -> CalibrationTable:
-    """Calibrate `metric`'s thresholds for every level in `levels` (see `calibrate_level`); the table records the
-    vocabulary pruning `scores` were computed with."""
-    table = CalibrationTable(
-        metric, method, delta if method == "ltt" else None, scores.num_tokens, scores.data_hash, base_model_revision,
-        list(scores.exit_layers), vocab_pruning=scores.vocab_pruning,
-    )
-    family = candidate_thresholds(scores, metric, method)
-    for level in levels:
-        table.levels[float(level)] = calibrate_level(scores, metric, level, method, delta, family)
-    return table
 
 
 def store_calibration(config: EarlyExitConfig, tables: list[CalibrationTable], default_metric: str) -> None:
@@ -121,10 +135,10 @@ def select_thresholds(
     metric = metric or stored.get("default_metric")
     key = table_key(metric, vocab_pruning)
     if key not in tables:
-        how = "" if vocab_pruning is None else f" (calibrate with the same pruning: --prune-top-k {vocab_pruning.top_k})"
-        raise CalibrationError(
-            f"No calibration for {key!r}{how}; calibrated tables: {', '.join(sorted(tables))}."
+        how = (
+            "" if vocab_pruning is None else f" (calibrate with the same pruning: --prune-top-k {vocab_pruning.top_k})"
         )
+        raise CalibrationError(f"No calibration for {key!r}{how}; calibrated tables: {', '.join(sorted(tables))}.")
     table = CalibrationTable.from_dict(tables[key])
     if table.exit_layers != list(config.exit_layers):
         raise CalibrationError(
@@ -133,8 +147,9 @@ def select_thresholds(
         )
     stricter = sorted(candidate for candidate in table.levels if candidate >= level - 1e-12)
     if not stricter:
+        calibrated = ", ".join(f"{value:g}" for value in sorted(table.levels))
         raise CalibrationError(
-            f"Level {level} is stricter than every calibrated level ({', '.join(f'{x:g}' for x in sorted(table.levels))}); "
+            f"Level {level} is stricter than every calibrated level ({calibrated}); "
             "calibrate for it with `early-exit calibrate --levels ...`."
         )
     return metric, table.levels[stricter[0]].thresholds

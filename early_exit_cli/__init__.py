@@ -1,0 +1,21 @@
+"""The `early-exit` command line: `info`, `agreement`, `train`, `report`, `calibrate`, `verify-calibration` and
+`generate`.
+
+A package of its own, beside `early_exit` rather than inside it: importing `early_exit` loads torch and registers
+the model with `transformers` (seconds), and the arguments are parsed before any of that.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .parser import build_parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `early-exit` console script."""
+    args = build_parser().parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
+    from .commands import COMMANDS  # the library loads here, after the arguments are known
+
+    COMMANDS[args.command](args)

