@@ -137,6 +137,7 @@ def model_card(
             "```python",
             "import early_exit  # registers the early_exit model type",
             "from transformers import AutoModelForCausalLM",
+            "",
             'model = AutoModelForCausalLM.from_pretrained("<this folder or repo>")',
             "```",
             "",
