@@ -189,22 +189,26 @@ def heads_report(
 
 
 def calibration_table(tables: Sequence[CalibrationTable], scores: ExitScores, levels: Sequence[float]) -> str:
-    """A Markdown table: per calibrated table, each exit's AUROC and each level's agreement and mean depth."""
+    """A Markdown table: per calibrated table, each exit's AUROC and each level's agreement and mean depth (and the
+    expected time per token, for cost-aware tables)."""
     header = (
         "| metric | AUROC per exit ("
         + ", ".join(map(str, scores.exit_layers))
         + ") | "
-        + " | ".join(f"level {level:g}: agreement / layers" for level in levels)
+        + " | ".join(f"level {level:g}: agreement / layers (/ ms per token)" for level in levels)
         + " |"
     )
     lines = [header, "| --- | --- |" + " ---: |" * len(levels)]
     for table in tables:
         separation = ", ".join(f"{value:.2f}" for value in scores.separation(table.metric))
-        cells = [
-            f"{100 * table.levels[level].accuracy:.1f}% / {table.levels[level].mean_layers:.1f}" for level in levels
-        ]
+        cells = [_level_cell(table.levels[level]) for level in levels]
         lines.append(f"| {table.key} | {separation} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _level_cell(outcome: PolicyOutcome) -> str:
+    cell = f"{100 * outcome.accuracy:.1f}% / {outcome.mean_layers:.1f}"
+    return cell if outcome.ms_per_token is None else f"{cell} / {outcome.ms_per_token:.1f} ms"
 
 
 def calibration_report(

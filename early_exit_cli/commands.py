@@ -242,7 +242,13 @@ def report(args: argparse.Namespace) -> None:
 def calibrate(args: argparse.Namespace) -> None:
     """Calibrate a heads folder's thresholds on the calibration split for each metric and level, store the table in
     the folder's config, and write a report with plots."""
-    from early_exit.calibration import calibrate_table, collect_exit_scores, policy_curve, store_calibration
+    from early_exit.calibration import (
+        calibrate_table,
+        collect_exit_scores,
+        measure_exit_costs,
+        policy_curve,
+        store_calibration,
+    )
     from early_exit.data.corpus import distillation_corpus
     from early_exit.reporting import (
         calibration_report,
@@ -260,11 +266,20 @@ def calibrate(args: argparse.Namespace) -> None:
     pruning = _vocab_pruning(args)
     scores = collect_exit_scores(model, dataset, args.metrics, bf16=args.bf16, vocab_pruning=pruning)
     tables = [
-        calibrate_table(scores, metric, tuple(args.levels), args.method, args.delta, config.base_model_revision)
+        calibrate_table(
+            scores,
+            metric,
+            tuple(args.levels),
+            args.method,
+            args.delta,
+            config.base_model_revision,
+            costs=None if args.by_depth else measure_exit_costs(model, metric, pruning),
+        )
         for metric in tqdm(args.metrics, desc="calibrating", disable=None)
     ]
     middle = sorted(args.levels)[len(args.levels) // 2]
-    best = min(tables, key=lambda table: table.levels[middle].mean_layers)
+    # The default metric is the fastest at the middle level (the shallowest when calibrated by depth alone).
+    best = min(tables, key=lambda table: table.levels[middle].ms_per_token or table.levels[middle].mean_layers)
     store_calibration(config, tables, default_metric=best.metric)
     if pruning is not None:
         # Decoding prunes as calibrated unless told otherwise.

@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     calibrate.add_argument("--delta", type=float, default=0.1, help="chance the guarantee may fail (ltt)")
     calibrate.add_argument("--report", help="Markdown report to write (plots beside it)")
+    calibrate.add_argument(
+        "--by-depth",
+        action="store_true",
+        help="choose thresholds by depth alone (default: measure this machine's layer and head costs and choose the "
+        "fastest policy that keeps each level, scoring only exits that pay for themselves)",
+    )
     _add_pruning_arguments(calibrate)
     verify = commands.add_parser("verify-calibration", help="measure calibrated levels on held-out text")
     verify.add_argument("--heads", required=True, help="a calibrated heads folder")

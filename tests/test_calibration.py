@@ -21,6 +21,7 @@ from early_exit.calibration import (
     collect_exit_scores,
     evaluate_policy,
     exit_positions,
+    measure_exit_costs,
     minimum_tokens,
     select_thresholds,
     store_calibration,
@@ -28,6 +29,8 @@ from early_exit.calibration import (
 from early_exit.confidence import CONFIDENCE_METRICS, register_confidence_metric
 from early_exit.data.corpus import TokenBlocks
 from early_exit.errors import CalibrationError
+from early_exit.generation.thresholds import CalibrationTable, ExitCosts
+from early_exit.pruning import VocabPruningConfig
 from early_exit.training import EarlyExitTrainer, EarlyExitTrainingArguments
 
 
@@ -91,6 +94,61 @@ def test_the_learn_then_test_guarantee_holds_in_at_least_1_minus_delta_of_resamp
     # Violations are Binomial(resamplings, p) with p <= delta when the guarantee holds: a count this high must not
     # be implausible under p = delta (one in a thousand). A method without the guarantee fails about half the time.
     assert 1.0 - binomial_cdf(violations - 1, resamplings, delta) > 1e-3, (violations, resamplings)
+
+
+def _costs(exits: int, head_ms: float, pruning_exit: int | None = None) -> ExitCosts:
+    return ExitCosts(
+        layer_ms=1.0, carry_fraction=0.0, head_ms=[head_ms] * exits, final_head_ms=0.0, pruning_exit=pruning_exit
+    )
+
+
+def test_an_exit_that_costs_more_than_it_saves_is_not_scored():
+    scores = _synthetic(2, 6000, exits=3)
+    scores.scores["score"][:, 1] = 0.0  # the middle exit is never confident: it can only cost
+    scores.correct[:, 1] = False
+    costly = calibrate_level(scores, "score", 0.9, "ltt", costs=_costs(3, head_ms=0.5))
+    assert math.isinf(costly.thresholds[1]) and costly.exit_counts[1] == 0
+    assert costly.accuracy >= 0.9
+    scored_anyway = costly.thresholds.copy()
+    scored_anyway[1] = 2.0  # scored, never confident: same tokens leave where they did, and each pays its head
+    worse = evaluate_policy(
+        scores.scores["score"], scores.correct, torch.tensor(scored_anyway), scores.exit_layers, 8, _costs(3, 0.5)
+    )
+    assert worse.ms_per_token > costly.ms_per_token and worse.exit_counts == costly.exit_counts
+
+
+def test_expected_time_counts_layers_skipped_layers_heads_and_the_final_head():
+    scores = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.1, 0.1]])
+    correct = torch.ones(3, 2, dtype=torch.bool)
+    costs = ExitCosts(layer_ms=1.0, carry_fraction=0.5, head_ms=[2.0, 0.3], final_head_ms=5.0)
+    outcome = evaluate_policy(scores, correct, torch.tensor([0.5, 0.5]), [3, 6], 10, costs)
+    # exit 0: 3 layers + 7 carried at half price + its head; exit 1: 6 + 4 * 0.5 + both heads; full: 10 + heads + 5.
+    assert outcome.ms_per_token == pytest.approx((3 + 3.5 + 2.0 + 6 + 2.0 + 2.3 + 10 + 2.3 + 5) / 3)
+    # Exit 0 silenced: only exit 1's head is paid (tokens 0 and 2 run to full depth)...
+    silenced = torch.tensor([math.inf, 0.5])
+    assert evaluate_policy(scores, correct, silenced, [3, 6], 10, costs).ms_per_token == pytest.approx(
+        (10 + 0.3 + 5 + 6 + 2.0 + 0.3 + 10 + 0.3 + 5) / 3
+    )
+    # ...unless exit 0 prunes the vocabulary for exit 1: then it runs for every token that reaches it.
+    pruning = ExitCosts(layer_ms=1.0, carry_fraction=0.5, head_ms=[2.0, 0.3], final_head_ms=5.0, pruning_exit=0)
+    assert evaluate_policy(scores, correct, silenced, [3, 6], 10, pruning).ms_per_token == pytest.approx(
+        (10 + 2.3 + 5 + 6 + 2.0 + 2.3 + 10 + 2.3 + 5) / 3
+    )
+
+
+def test_costs_are_measured_per_exit_under_the_pruning_they_will_run_with():
+    model = early_exit.add_exit_heads(tiny_model("llama"), [1, 2, 3])
+    pruned = measure_exit_costs(model, "max_prob", VocabPruningConfig(top_k=4, prune_at=2), context=16, repeats=3)
+    assert pruned.pruning_exit == 1 and len(pruned.head_ms) == 3
+    assert pruned.layer_ms > 0 and pruned.final_head_ms > 0 and pruned.carry_fraction >= 0
+    assert measure_exit_costs(model, "max_prob", context=16, repeats=3).pruning_exit is None
+
+
+def test_cost_aware_tables_record_their_costs():
+    scores = _synthetic(3, 6000, exits=3)
+    table = calibrate_table(scores, "score", (0.9,), "ltt", costs=_costs(3, head_ms=0.5))
+    assert table.costs == _costs(3, head_ms=0.5).to_dict()
+    assert CalibrationTable.from_dict(table.to_dict()).levels[0.9].ms_per_token == table.levels[0.9].ms_per_token
 
 
 def test_budget_mode_finds_the_most_accurate_policy_within_the_depth():

@@ -92,6 +92,9 @@ def test_calibrate_stores_a_table_that_verify_measures_on_held_out_text(tmp_path
     config = AutoModelForCausalLM.from_pretrained(heads).config
     assert set(config.calibration["tables"]) == {"entropy", "max_prob", "margin"}
     assert config.calibration["default_metric"] in config.calibration["tables"]
+    costs = config.calibration["tables"]["entropy"]["costs"]  # measured here; thresholds chosen for speed
+    assert costs["layer_ms"] > 0 and len(costs["head_ms"]) == 3
+    assert re.search(r"% / [\d.]+ / [\d.]+ ms \|", printed)
     assert (tmp_path / "cal.png").is_file() and (tmp_path / "cal-exits.png").is_file()
     main(["verify-calibration", "--heads", str(heads), *sizes])
     rows = re.findall(r"^(\w+)\s+([\d.]+)\s+([\d.]+)%\s+([\d.]+)\s+(yes|NO)$", capsys.readouterr().out, re.MULTILINE)

@@ -288,6 +288,27 @@ def test_pruning_the_whole_vocabulary_changes_nothing_and_a_small_k_limits_exit_
         assert (torch.isfinite(scores).sum(-1) == 1).all()
 
 
+def test_the_pruning_exit_prunes_even_when_it_may_not_emit():
+    """Later exits must score the tokens calibration scored them over: the first exit's choice, whatever its
+    threshold."""
+    model = _model("llama")
+    calls = []
+    handle = model.exit_heads["1"].register_forward_hook(lambda module, args, output: calls.append(output.shape[-1]))
+    try:
+        pruned = _greedy(
+            model, *_prompts(2, 1, 4, False), max_new_tokens=4, exit_thresholds=[None, 0.0, 0.0], vocab_pruning=8
+        )
+        assert calls and all(width == VOCAB for width in calls)  # the full vocabulary, once per decoded token
+        assert pruned.exit_layers[0, 1:].tolist() == [2, 2, 2]
+        calls.clear()
+        _greedy(
+            model, *_prompts(2, 1, 4, False), max_new_tokens=4, exit_thresholds=[None, 0.0, 0.0], vocab_pruning=False
+        )
+        assert calls == []  # without pruning an exit that may not emit is never scored
+    finally:
+        handle.remove()
+
+
 def test_calibration_with_pruning_is_stored_apart_and_chosen_by_generate():
     model = early_exit.add_exit_heads(tiny_model("llama", initializer_range=0.3), EXITS)
     generator = torch.Generator().manual_seed(0)

@@ -1,7 +1,7 @@
 """Calibrating exit thresholds: per-token scores, the cascade policy, Learn-then-Test, and writing the table that
 decoding reads (`early_exit.generation.thresholds`)."""
 
-from ..generation.thresholds import CalibrationTable, PolicyOutcome, select_thresholds, store_calibration
+from ..generation.thresholds import CalibrationTable, ExitCosts, PolicyOutcome, select_thresholds, store_calibration
 from .calibrate import (
     DEFAULT_LEVELS,
     METHODS,
@@ -16,12 +16,14 @@ from .calibrate import (
     policy_curve,
     threshold_family,
 )
+from .costs import measure_exit_costs
 from .scores import ExitScores, collect_exit_scores
 
 __all__ = [
     "DEFAULT_LEVELS",
     "METHODS",
     "CalibrationTable",
+    "ExitCosts",
     "ExitScores",
     "PolicyOutcome",
     "binomial_cdf",
@@ -32,6 +34,7 @@ __all__ = [
     "collect_exit_scores",
     "evaluate_policy",
     "exit_positions",
+    "measure_exit_costs",
     "minimum_tokens",
     "policy_curve",
     "select_thresholds",

@@ -15,6 +15,12 @@ lets more tokens out earlier. Two ways to pick p for an accuracy level:
 - "empirical": the loosest p whose measured accuracy on all calibration data is at least the level.
 
 A budget mode picks instead the most accurate policy of the family whose average depth is within a target.
+
+With measured `ExitCosts`, calibration is cost-aware: an exit that rarely fires costs every token that reaches it
+more than it saves, so exits are dropped (never scored) while the expected time per token falls, the subset chosen
+on the selection half only; among the policies that keep the level, the one with the least expected time is taken
+rather than the shallowest. The pruning exit may stop emitting, but its head still runs (and is charged) while a
+later exit may emit, since the later exits' scores were collected with its choice of tokens.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import math
 import torch
 
 from ..errors import CalibrationError
-from ..generation.thresholds import CalibrationTable, PolicyOutcome
+from ..generation.thresholds import CalibrationTable, ExitCosts, PolicyOutcome
 from .scores import ExitScores
 
 DEFAULT_LEVELS = (0.80, 0.90, 0.95, 0.99)
@@ -42,9 +48,15 @@ def exit_positions(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tens
 
 
 def evaluate_policy(
-    scores: torch.Tensor, correct: torch.Tensor, thresholds: torch.Tensor, exit_layers: list[int], num_layers: int
+    scores: torch.Tensor,
+    correct: torch.Tensor,
+    thresholds: torch.Tensor,
+    exit_layers: list[int],
+    num_layers: int,
+    costs: ExitCosts | None = None,
 ) -> PolicyOutcome:
-    """Accuracy, average depth and exit counts of the cascade with `thresholds` on these tokens."""
+    """Accuracy, average depth and exit counts of the cascade with `thresholds` on these tokens (and, with `costs`,
+    its expected time per token)."""
     where = exit_positions(scores, thresholds)
     padded = torch.cat([correct, torch.ones_like(correct[:, :1])], dim=1)  # full depth always agrees
     agrees = padded.gather(1, where[:, None]).squeeze(1)
@@ -55,6 +67,28 @@ def evaluate_policy(
         float(agrees.sum()) / tokens,
         float(layers[where].sum()) / tokens,
         torch.bincount(where, minlength=len(exit_layers) + 1).tolist(),
+        None if costs is None else float(_token_ms(where, thresholds, exit_layers, num_layers, costs).mean()),
+    )
+
+
+def _token_ms(
+    where: torch.Tensor, thresholds: torch.Tensor, exit_layers: list[int], num_layers: int, costs: ExitCosts
+) -> torch.Tensor:
+    """Each token's expected decoding time: the layers it runs, the deferred fill of those it skips (carried beside
+    a later token), every scored exit it reaches, and the final head if it reaches full depth."""
+    scored = torch.isfinite(thresholds.double())
+    if costs.pruning_exit is not None and scored.any() and costs.pruning_exit < int(scored.nonzero()[-1, 0]):
+        scored[costs.pruning_exit] = True  # it chooses the tokens later exits score (see `VocabPruner`)
+    head = torch.where(scored, torch.tensor(costs.head_ms, dtype=torch.float64), 0.0)
+    reached = torch.cat([head.cumsum(0), head.sum().reshape(1)])  # heads paid by a token leaving at each position
+    layers = torch.tensor([*exit_layers, num_layers], dtype=torch.float64)[where]
+    skipped = num_layers - layers
+    full_depth = (where == len(exit_layers)).double()
+    return (
+        layers * costs.layer_ms
+        + skipped * costs.layer_ms * costs.carry_fraction
+        + reached[where]
+        + full_depth * costs.final_head_ms
     )
 
 
@@ -124,9 +158,11 @@ def calibrate_level(
     method: str = "ltt",
     delta: float = 0.1,
     family: torch.Tensor | None = None,
+    costs: ExitCosts | None = None,
 ) -> PolicyOutcome:
     """Thresholds for one metric and accuracy level; the outcome reported is measured on all the tokens given.
-    `family` is `candidate_thresholds(scores, metric, method)`, computed here when not given.
+    `family` is `candidate_thresholds(scores, metric, method)`, computed here when not given. With `costs`, the
+    choice is cost-aware (see the module docstring) and `family` is not used: it depends on the exits kept.
 
     Raises:
         CalibrationError: the level or delta is outside (0, 1), or (method "ltt") the test half has fewer tokens
@@ -145,23 +181,64 @@ def calibrate_level(
             f"{int(test.sum())} tokens, and certifying even an error-free policy needs at least {needed} "
             f"(about {2 * needed} tokens in all). Calibrate on more text, or ask for a lower level or a larger delta."
         )
-    family = family if family is not None else candidate_thresholds(scores, metric, method)
-    chosen = None
+    if costs is not None:
+        selection = torch.ones_like(test) if method == "empirical" else ~test
+        kept = _cost_aware_exits(scores, metric, level, costs, selection)
+        family = _family_over(values[selection], correct[selection], kept)
+    elif family is None:
+        family = candidate_thresholds(scores, metric, method)
+
+    def outcome_on(rows: torch.Tensor, row: torch.Tensor) -> PolicyOutcome:
+        return evaluate_policy(values[rows], correct[rows], row, scores.exit_layers, scores.num_layers, costs)
+
+    everything = torch.ones_like(test)
     if method == "empirical":
-        for row in family.flip(0):  # loosest first: the first that keeps the level
-            if evaluate_policy(values, correct, row, scores.exit_layers, scores.num_layers).accuracy >= level:
-                chosen = row
-                break
+        valid = [row for row in family if outcome_on(everything, row).accuracy >= level]
     else:
+        valid = []
         for row in family:  # strictest first; stop at the first policy the test cannot certify
-            outcome = evaluate_policy(values[test], correct[test], row, scores.exit_layers, scores.num_layers)
-            errors = round((1.0 - outcome.accuracy) * int(test.sum()))
+            errors = round((1.0 - outcome_on(test, row).accuracy) * int(test.sum()))
             if binomial_cdf(errors, int(test.sum()), 1.0 - level) > delta:
                 break
-            chosen = row
-    if chosen is None:  # nothing certified: never exit early
+            valid.append(row)
+    if not valid:  # nothing certified: never exit early
         chosen = torch.full((len(scores.exit_layers),), math.inf)
-    return evaluate_policy(values, correct, chosen, scores.exit_layers, scores.num_layers)
+    elif costs is None:
+        chosen = valid[-1]  # the loosest valid policy: the fewest layers
+    else:  # every valid policy keeps the level, so the cheapest may be taken (its time measured on all tokens)
+        chosen = min(valid, key=lambda row: outcome_on(everything, row).ms_per_token)
+    return evaluate_policy(values, correct, chosen, scores.exit_layers, scores.num_layers, costs)
+
+
+def _family_over(values: torch.Tensor, correct: torch.Tensor, kept: list[int]) -> torch.Tensor:
+    """The threshold family over the exits `kept` (column indices); the other exits never emit."""
+    family = torch.full((len(PRECISION_GRID), values.shape[1]), math.inf)
+    family[:, kept] = threshold_family(values[:, kept], correct[:, kept])
+    return family
+
+
+def _cost_aware_exits(scores: ExitScores, metric: str, level: float, costs: ExitCosts, rows: torch.Tensor) -> list[int]:
+    """The exits that may emit at `level`, chosen on the tokens `rows` only: starting from all of them, drop the exit
+    whose removal lowers the expected time per token most, while one does. A subset's time is that of the loosest
+    policy of its family that keeps the level on these tokens."""
+    values, correct = scores.scores[metric][rows], scores.correct[rows]
+
+    def best_ms(kept: list[int]) -> float:
+        for row in _family_over(values, correct, kept).flip(0):  # loosest first
+            outcome = evaluate_policy(values, correct, row, scores.exit_layers, scores.num_layers, costs)
+            if outcome.accuracy >= level:
+                return outcome.ms_per_token
+        return math.inf
+
+    kept = list(range(len(scores.exit_layers)))
+    current = best_ms(kept)
+    while len(kept) > 1:
+        trial_ms, dropped = min((best_ms([k for k in kept if k != dropped]), dropped) for dropped in kept)
+        if trial_ms >= current:
+            break
+        kept.remove(dropped)
+        current = trial_ms
+    return kept
 
 
 def policy_curve(scores: ExitScores, metric: str) -> list[PolicyOutcome]:
@@ -198,9 +275,10 @@ def calibrate_table(
     method: str = "ltt",
     delta: float = 0.1,
     base_model_revision: str | None = None,
+    costs: ExitCosts | None = None,
 ) -> CalibrationTable:
-    """Calibrate `metric`'s thresholds for every level in `levels` (see `calibrate_level`); the table records the
-    vocabulary pruning `scores` were computed with."""
+    """Calibrate `metric`'s thresholds for every level in `levels` (see `calibrate_level`, cost-aware with `costs`);
+    the table records the vocabulary pruning `scores` were computed with, and the costs."""
     table = CalibrationTable(
         metric,
         method,
@@ -210,8 +288,9 @@ def calibrate_table(
         base_model_revision,
         list(scores.exit_layers),
         vocab_pruning=scores.vocab_pruning,
+        costs=None if costs is None else costs.to_dict(),
     )
-    family = candidate_thresholds(scores, metric, method)
+    family = None if costs is not None else candidate_thresholds(scores, metric, method)
     for level in levels:
-        table.levels[float(level)] = calibrate_level(scores, metric, level, method, delta, family)
+        table.levels[float(level)] = calibrate_level(scores, metric, level, method, delta, family, costs)
     return table

@@ -116,9 +116,13 @@ class LayerwiseDecoder:
         self.heads = heads
         self.policy = policy
         self.kv_strategy = kv_strategy
-        active = policy.active_exits
-        self.exit_index = {policy.exit_layers[index]: index for index in active}
-        self.pruner = VocabPruner(policy.vocab_pruning, policy.exit_layers, active[0] if active else 0)
+        self.pruner = VocabPruner(policy.vocab_pruning, policy.exit_layers)
+        # The exits to score: those that may emit, and the pruning exit when a later one may (it chooses the tokens
+        # they score, as it did when they were calibrated).
+        scored = set(policy.active_exits)
+        if self.pruner.prune_index is not None and scored and self.pruner.prune_index < max(scored):
+            scored.add(self.pruner.prune_index)
+        self.exit_index = {policy.exit_layers[index]: index for index in sorted(scored)}
         self.pending = _PendingPositions()
         self.stats = DecodingStatistics()
         # The mask, positions and cache of the last step, which the final deferred fill runs with.

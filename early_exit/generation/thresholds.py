@@ -16,20 +16,49 @@ from ..pruning import VocabPruningConfig
 
 
 @dataclass
+class ExitCosts:
+    """What one decoding step spends where, measured on the machine that calibrated (milliseconds, batch 1).
+
+    Attributes:
+        layer_ms: one decoder layer for one position.
+        carry_fraction: what one more position adds to a layer's cost, as a fraction of `layer_ms`: the price of
+            running a skipped token's deep layers later, beside the next deep token (deferred fill).
+        head_ms: per exit, its head and confidence metric over the tokens it scores under the calibrated vocabulary
+            pruning (the full vocabulary up to the pruning exit, the kept tokens after it).
+        final_head_ms: the final norm and LM head over the full vocabulary, paid by tokens that reach full depth.
+        pruning_exit: the index of the pruning exit, which runs its head whenever a later exit may emit (`None`
+            without pruning).
+    """
+
+    layer_ms: float
+    carry_fraction: float
+    head_ms: list[float]
+    final_head_ms: float
+    pruning_exit: int | None = None
+
+    def to_dict(self) -> dict:
+        """JSON-ready form, as stored in a calibration table."""
+        return asdict(self)
+
+
+@dataclass
 class PolicyOutcome:
     """How a set of thresholds behaves on a set of tokens.
 
     Attributes:
-        thresholds: per exit; a token leaves at the first exit whose score reaches its threshold.
+        thresholds: per exit; a token leaves at the first exit whose score reaches its threshold (`inf`: the exit
+            is never scored).
         accuracy: share of tokens whose emitted token is the full model's.
         mean_layers: average number of layers run per token.
         exit_counts: tokens leaving at each exit, then those running to full depth.
+        ms_per_token: expected decoding time per token under the calibration's `ExitCosts` (`None` without them).
     """
 
     thresholds: list[float]
     accuracy: float
     mean_layers: float
     exit_counts: list[int] = field(default_factory=list)
+    ms_per_token: float | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready (infinite thresholds, meaning "never exit here", become None)."""
@@ -41,7 +70,13 @@ class PolicyOutcome:
     def from_dict(cls, values: dict) -> PolicyOutcome:
         """The inverse of `to_dict`."""
         thresholds = [math.inf if value is None else float(value) for value in values["thresholds"]]
-        return cls(thresholds, values["accuracy"], values["mean_layers"], list(values.get("exit_counts", [])))
+        return cls(
+            thresholds,
+            values["accuracy"],
+            values["mean_layers"],
+            list(values.get("exit_counts", [])),
+            values.get("ms_per_token"),
+        )
 
 
 @dataclass
@@ -58,6 +93,8 @@ class CalibrationTable:
         levels: accuracy level -> thresholds and their outcome on the calibration tokens.
         vocab_pruning: the vocabulary pruning the scores were computed with (`VocabPruningConfig.to_dict()`), or
             `None`; thresholds only hold under the same pruning.
+        costs: the measured costs the thresholds were chosen with (`ExitCosts.to_dict()`), or `None` when they
+            were chosen by depth alone.
     """
 
     metric: str
@@ -69,6 +106,7 @@ class CalibrationTable:
     exit_layers: list[int]
     levels: dict[float, PolicyOutcome] = field(default_factory=dict)
     vocab_pruning: dict | None = None
+    costs: dict | None = None
 
     @property
     def key(self) -> str:

@@ -24,8 +24,7 @@ class VocabPruningConfig:
         top_k: tokens kept at the pruning exit. A list is a schedule: `top_k[i]` tokens are kept after the `i`-th
             exit from the pruning exit on (the last entry repeats), each exit re-ranking the previous exit's tokens;
             it must not grow.
-        prune_at: the exit layer whose full-vocabulary logits choose the kept tokens; `None` means the first exit a
-            token is scored at.
+        prune_at: the exit layer whose full-vocabulary logits choose the kept tokens; `None` means the first exit.
     """
 
     top_k: int | list[int] = 256
@@ -77,14 +76,16 @@ class VocabPruningConfig:
 class VocabPruner:
     """Decides, exit after exit, which tokens the next exit scores.
 
+    Pruning happens at the same exit whatever the thresholds (`config.prune_at`, else the first exit), so that
+    decoding scores later exits over exactly the tokens calibration scored them over: the pruning exit runs its head
+    even when it may not emit.
+
     Args:
         config: the pruning setting (`None`: every exit scores the full vocabulary).
         exit_layers: the exits, in order.
-        first_scored_exit: index of the first exit a token is scored at; with `config.prune_at` unset, pruning
-            happens there.
     """
 
-    def __init__(self, config: VocabPruningConfig | None, exit_layers: list[int], first_scored_exit: int = 0) -> None:
+    def __init__(self, config: VocabPruningConfig | None, exit_layers: list[int]) -> None:
         self.config = config
         self.prune_index = None
         if config is not None:
@@ -92,8 +93,7 @@ class VocabPruner:
                 raise VocabPruningError(
                     f"Vocabulary pruning at layer {config.prune_at}: there is no exit there (exits: {exit_layers})."
                 )
-            prune_layer = config.prune_at if config.prune_at is not None else exit_layers[first_scored_exit]
-            self.prune_index = max(exit_layers.index(prune_layer), first_scored_exit)
+            self.prune_index = 0 if config.prune_at is None else exit_layers.index(config.prune_at)
 
     def next_tokens(self, exit_index: int, logits: torch.Tensor, token_ids: torch.Tensor | None) -> torch.Tensor | None:
         """The token ids the exit after `exit_index` should score, given this exit's `logits` over `token_ids`
