@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from .errors import CheckpointError, HeadMismatchError
 from .generation import ExitDecodingConfig, generate_with_exits
 from .heads import build_head, exit_logits
 from .hub import upload_heads
+from .kernels import FewPositionLinears
 
 logger = logging.get_logger(__name__)
 
@@ -94,6 +96,7 @@ class EarlyExitForCausalLM(PreTrainedModel):
         self.exit_heads = nn.ModuleDict({str(layer): build_head(decoder, config) for layer in config.exit_layers})
         # A plain attribute, not a submodule: it only points at modules `self.base` already owns.
         self.decoder: DecoderAdapter = decoder
+        self._decoding_kernels: dict[bool, FewPositionLinears] = {}  # by prepack, made on first use
         if unwrap_model(base_model) is base_model:
             base_model.requires_grad_(False)
         self.post_init()
@@ -180,6 +183,17 @@ class EarlyExitForCausalLM(PreTrainedModel):
         """The base model's own logits from the hidden state after its last layer (final norm, then LM head)."""
         return self.decoder.final_logits(hidden)
 
+    def decoding_kernels(self, kernels: str = "packed") -> AbstractContextManager:
+        """A `with` block inside which this thread runs the model's linear layers in the matmul forms `kernels`
+        names ("packed", "unpacked" or "stock", see `early_exit.generation.options.KERNELS`); other threads and code
+        outside the block are unaffected. The packed weights are made on first use and kept with the model."""
+        if kernels == "stock":
+            return nullcontext()
+        prepack = kernels == "packed"
+        if prepack not in self._decoding_kernels:
+            self._decoding_kernels[prepack] = FewPositionLinears(self, prepack=prepack)
+        return self._decoding_kernels[prepack]
+
     def heads_by_layer(self) -> dict[int, nn.Module]:
         """The exit heads keyed by the layer number they sit after."""
         return {int(layer): head for layer, head in self.exit_heads.items()}
@@ -220,6 +234,7 @@ class EarlyExitForCausalLM(PreTrainedModel):
             self.decoder,
             self.heads_by_layer(),
             self.config,
+            self.decoding_kernels(options.kernels),
             options,
             inputs,
             generation_config,

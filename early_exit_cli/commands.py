@@ -55,6 +55,7 @@ def _decoding_options(
             vocab_pruning=False if args.no_pruning else pruning,
             speculative=args.speculative,
             max_draft_tokens=args.max_draft_tokens,
+            kernels=args.kernels,
         )
     except EarlyExitError as error:
         raise SystemExit(f"early-exit generate: {error}") from error

@@ -162,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="self-speculative decoding (DSSD): exits draft, the full model verifies; output is the full model's",
     )
     generate.add_argument("--max-draft-tokens", type=int, help="with --speculative: most drafts per verification")
+    generate.add_argument(
+        "--kernels",
+        default="packed",
+        help="matmul forms of the decoding loop: packed (default, fastest; a packed copy of the weights), unpacked "
+        "(no extra memory) or stock (as the base model runs)",
+    )
     generate.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     generate.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
     generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1)")

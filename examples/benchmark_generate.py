@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import matplotlib
@@ -39,19 +41,22 @@ def encode(tokenizer, prompts: list[dict], batch_size: int = 1) -> list[dict]:
 
 
 @torch.no_grad()
-def timed(generate, batches: list[dict], max_new_tokens: int, **kwargs) -> tuple[float, list]:
-    """Tokens generated per second over all batches, and the outputs."""
-    outputs, tokens, seconds = [], 0, 0.0
-    for batch in batches:
-        started = time.perf_counter()
-        output = generate(
-            **batch, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False, **kwargs
-        )
-        seconds += time.perf_counter() - started
-        sequences = output.sequences if hasattr(output, "sequences") else output
-        tokens += (sequences.shape[1] - batch["input_ids"].shape[1]) * sequences.shape[0]
-        outputs.append(output)
-    return tokens / seconds, outputs
+def timed(runs: dict[str, Callable], batches: list[dict], max_new_tokens: int) -> dict[str, tuple[float, list]]:
+    """Per run (a `generate` with its settings), tokens generated per second over all batches, and the outputs. The
+    runs are interleaved batch by batch, in an order that rotates, so that the machine's noise hits them alike."""
+    results = {label: ([], 0, 0.0) for label in runs}
+    labels = list(runs)
+    for index, batch in enumerate(batches):
+        for label in labels[index % len(labels) :] + labels[: index % len(labels)]:
+            started = time.perf_counter()
+            output = runs[label](**batch, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
+            seconds = time.perf_counter() - started
+            sequences = output.sequences if hasattr(output, "sequences") else output
+            outputs, tokens, total = results[label]
+            outputs.append(output)
+            new = (sequences.shape[1] - batch["input_ids"].shape[1]) * sequences.shape[0]
+            results[label] = (outputs, tokens + new, total + seconds)
+    return {label: (tokens / seconds, outputs) for label, (outputs, tokens, seconds) in results.items()}
 
 
 @torch.no_grad()
@@ -91,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4, 8])
     parser.add_argument("--batch-level", type=float, default=0.9, help="level of the batch-size comparison")
     parser.add_argument("--batch-tokens", type=int, default=32, help="new tokens per row in the batch comparison")
+    parser.add_argument("--kernels", default="packed", help="matmul forms of the decoding loop (packed, unpacked)")
     parser.add_argument("--output", help="Markdown report to write (plot beside it)")
     args = parser.parse_args(argv)
 
@@ -105,21 +111,24 @@ def main(argv: list[str] | None = None) -> None:
     eos = model.base.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
 
-    base_speed, _ = timed(model.base.generate, batches, args.max_new_tokens, **pad)
+    # Full depth with the base model's own matmuls, then with the decoding loop's (`kernels`), separates what the
+    # kernels give from what the exits give.
+    settings = [("full depth, stock kernels", None, False, "stock"), ("full depth", None, False, args.kernels)] + [
+        (f"level {level:g}", level, prune, args.kernels)
+        for level in args.levels
+        for prune in ([False, True] if pruning else [False])
+    ]
+    runs = {"base.generate": partial(model.base.generate, **pad)}
+    for label, level, prune, kernels in settings:
+        options = ExitDecodingConfig(accuracy_level=level, vocab_pruning=None if prune else False, kernels=kernels)
+        runs[label, prune] = partial(model.generate, exit_config=options, return_dict_in_generate=True, **pad)
+    model.generate(**batches[0], max_new_tokens=2, kernels=args.kernels, **pad)  # packs the weights, untimed
+    results = timed(runs, batches, args.max_new_tokens)
+    base_speed = results["base.generate"][0]
     print(f"base.generate: {base_speed:.2f} tokens/s", file=sys.stderr)
     rows = []
-    settings = [("full depth", None, False)] + [
-        (f"level {level:g}", level, prune) for level in args.levels for prune in ([False, True] if pruning else [False])
-    ]
-    for label, level, prune in settings:
-        speed, outputs = timed(
-            model.generate,
-            batches,
-            args.max_new_tokens,
-            exit_config=ExitDecodingConfig(accuracy_level=level, vocab_pruning=None if prune else False),
-            return_dict_in_generate=True,
-            **pad,
-        )
+    for label, level, prune, _ in settings:
+        speed, outputs = results[label, prune]
         agreed = total = 0
         for batch, output in zip(batches, outputs):
             counts = agreement(model, batch, output.sequences, eos)
@@ -149,20 +158,19 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     kept = pruning["top_k"] if pruning else 512
-    full_cost, pruned_cost = exit_cost(model, kept)
+    with model.decoding_kernels(args.kernels):  # as decoding scores exits
+        full_cost, pruned_cost = exit_cost(model, kept)
 
     batch_rows = []
     for batch_size in args.batch_sizes:
         batched = encode(tokenizer, (prompts * batch_size)[:batch_size], batch_size)
-        base_batch, _ = timed(model.base.generate, batched, args.batch_tokens, **pad)
-        ours, outputs = timed(
-            model.generate,
-            batched,
-            args.batch_tokens,
-            exit_config=ExitDecodingConfig(accuracy_level=args.batch_level),
-            return_dict_in_generate=True,
-            **pad,
-        )
+        options = ExitDecodingConfig(accuracy_level=args.batch_level, kernels=args.kernels)
+        batch_runs = {
+            "base": partial(model.base.generate, **pad),
+            "ours": partial(model.generate, exit_config=options, return_dict_in_generate=True, **pad),
+        }
+        batch_results = timed(batch_runs, batched, args.batch_tokens)
+        base_batch, (ours, outputs) = batch_results["base"][0], batch_results["ours"]
         mean_run = torch.cat([output.layers_run.float() for output in outputs]).mean().item()
         batch_rows.append((batch_size, base_batch, ours, mean_run))
         print(f"batch {batch_size}: base {base_batch:.1f} tokens/s, early exit {ours:.1f}", file=sys.stderr)

@@ -347,3 +347,12 @@ def test_bad_early_exit_arguments_fail_clearly(arguments, error, message):
     model = _model("llama")
     with pytest.raises(error, match=message):
         model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, pad_token_id=0, **arguments)
+
+
+@pytest.mark.parametrize("kernels", ["packed", "unpacked", "stock"])
+def test_every_kernel_choice_decodes_the_full_models_tokens_and_leaves_the_model_as_it_was(kernels):
+    model = _model("llama")
+    ids, mask = _prompts(3, 2, 5, True)
+    reference = model.base.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=0, max_new_tokens=6)
+    assert torch.equal(_greedy(model, ids, mask, max_new_tokens=6, kernels=kernels).sequences, reference)
+    assert not any("forward" in vars(module) for module in model.modules())  # the fast forms were only scoped

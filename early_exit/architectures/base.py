@@ -192,7 +192,10 @@ class DecoderAdapter(ABC):
         With `token_ids` (shape `normed.shape[:-1] + (k,)`), only those tokens' logits are computed (vocabulary
         pruning)."""
         lm_head = self.lm_head
-        logits = project_rows(normed, lm_head.weight, getattr(lm_head, "bias", None), token_ids)
+        if token_ids is None:
+            logits = lm_head(normed)
+        else:
+            logits = project_rows(normed, lm_head.weight, getattr(lm_head, "bias", None), token_ids)
         softcap = getattr(self.config, "final_logit_softcapping", None)
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap

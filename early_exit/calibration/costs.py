@@ -34,11 +34,20 @@ def measure_exit_costs(
     vocab_pruning: VocabPruningConfig | None = None,
     context: int = 128,
     repeats: int = 20,
+    kernels: str = "packed",
 ) -> ExitCosts:
-    """Time one decoding step's parts at batch size 1 after `context` cached positions: a decoder layer for one and
-    for two positions, each exit's head and `metric` over the tokens it scores under `vocab_pruning`, and the
-    final head. Layers are timed in the middle of the stack, each run cut back out of the cache afterwards."""
+    """Time one decoding step's parts at batch size 1 after `context` cached positions, with the matmul forms
+    `kernels` (as `generate` runs them): a decoder layer for one and for two positions, each exit's head and `metric`
+    over the tokens it scores under `vocab_pruning`, and the final head. Layers are timed in the middle of the stack,
+    each run cut back out of the cache afterwards."""
     model.eval()
+    with model.decoding_kernels(kernels):
+        return _measure(model, metric, vocab_pruning, context, repeats)
+
+
+def _measure(
+    model: EarlyExitForCausalLM, metric: str, vocab_pruning: VocabPruningConfig | None, context: int, repeats: int
+) -> ExitCosts:
     decoder = model.decoder
     device = model.device
     cache = DynamicCache(config=decoder.config)

@@ -24,6 +24,12 @@ from ..pruning import VocabPruningConfig
 #: "propagate": the skipped layers' keys and values are computed from the exited hidden state (CALM; approximate).
 KV_STRATEGIES = ("deferred", "propagate")
 
+#: The matmul forms decoding runs its linear layers with (`early_exit.kernels.FewPositionLinears`):
+#: "packed": the fastest measured form per row count, with a packed copy of each weight that pays (as much memory
+#: again as those weights, made once per model); "unpacked": the fastest forms that need no copy; "stock": `F.linear`,
+#: as the base model runs.
+KERNELS = ("packed", "unpacked", "stock")
+
 #: Drafts per cycle of self-speculative decoding unless told otherwise; the exits' confidence usually ends a draft
 #: sooner.
 DEFAULT_MAX_DRAFT_TOKENS = 8
@@ -49,6 +55,8 @@ class ExitDecodingConfig:
         speculative: dynamic self-speculative decoding: exits only draft tokens, which the full model verifies, so
             the output is the full model's.
         max_draft_tokens: with `speculative`, the most drafts per verification (default 8).
+        kernels: "packed" (default), "unpacked" or "stock": the matmul forms of the decoding loop (see `KERNELS`).
+            The output is the full model's up to float rounding whichever is chosen.
 
     Raises:
         InvalidOptionError: a field of the wrong type or out of range, or options that contradict each other.
@@ -62,6 +70,7 @@ class ExitDecodingConfig:
     vocab_pruning: VocabPruningConfig | bool | None = None
     speculative: bool = False
     max_draft_tokens: int | None = None
+    kernels: str = "packed"
 
     def __post_init__(self) -> None:
         if self.accuracy_level is not None:
@@ -88,6 +97,8 @@ class ExitDecodingConfig:
             raise InvalidOptionError(
                 f"Unknown kv_strategy {self.kv_strategy!r}; choose one of {', '.join(KV_STRATEGIES)}."
             )
+        if self.kernels not in KERNELS:
+            raise InvalidOptionError(f"Unknown kernels {self.kernels!r}; choose one of {', '.join(KERNELS)}.")
         self._set("vocab_pruning", _vocab_pruning(self.vocab_pruning))
         if not isinstance(self.speculative, bool):
             raise InvalidOptionError(f"speculative must be True or False, got {self.speculative!r}.")

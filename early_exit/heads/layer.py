@@ -143,4 +143,5 @@ class LinearHead(ExitHead):
     def forward(
         self, hidden: torch.Tensor, decoder: DecoderAdapter, token_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return project_rows(self.norm(hidden), self.proj.weight, None, token_ids)
+        normed = self.norm(hidden)
+        return self.proj(normed) if token_ids is None else project_rows(normed, self.proj.weight, None, token_ids)
