@@ -221,6 +221,7 @@ def calibration_report(
     default_metric: str,
     middle_level: float,
     plots: Sequence[Path],
+    chosen_by: str = "fastest",
 ) -> str:
     """The Markdown page of `early-exit calibrate --report`: the calibration table and its plots (accuracy against
     depth, then exit layers by level)."""
@@ -239,7 +240,7 @@ def calibration_report(
             "",
             table,
             "",
-            f"Default metric: **{default_metric}** (fewest layers at level {middle_level:g}).",
+            f"Default metric: **{default_metric}** ({chosen_by} at level {middle_level:g}).",
             "",
             f"![accuracy against depth]({plots[0].name})",
             "",

@@ -289,7 +289,8 @@ def calibrate(args: argparse.Namespace) -> None:
 
     table = calibration_table(tables, scores, args.levels)
     print(table)
-    print(f"default metric (fewest layers at level {middle:g}): {best.metric}; thresholds stored in {args.heads}")
+    choice = "fewest layers" if args.by_depth else "fastest"
+    print(f"default metric ({choice} at level {middle:g}): {best.metric}; thresholds stored in {args.heads}")
     if args.report:
         report = Path(args.report)
         curves = {table.metric: policy_curve(scores, table.metric) for table in tables}
@@ -318,6 +319,7 @@ def calibrate(args: argparse.Namespace) -> None:
             best.metric,
             middle,
             [curve_plot, histogram],
+            choice,
         )
         report.write_text(page, encoding="utf-8")
         print(f"report written to {report}")

@@ -117,6 +117,13 @@ def test_an_exit_that_costs_more_than_it_saves_is_not_scored():
     assert worse.ms_per_token > costly.ms_per_token and worse.exit_counts == costly.exit_counts
 
 
+def test_when_no_exit_pays_for_itself_cost_aware_calibration_runs_at_full_depth():
+    scores = _synthetic(4, 6000, exits=3)
+    outcome = calibrate_level(scores, "score", 0.9, "ltt", costs=_costs(3, head_ms=50.0))
+    assert all(math.isinf(value) for value in outcome.thresholds) and outcome.accuracy == 1.0
+    assert outcome.ms_per_token == pytest.approx(scores.num_layers * 1.0)  # the layers, and no head at all
+
+
 def test_expected_time_counts_layers_skipped_layers_heads_and_the_final_head():
     scores = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.1, 0.1]])
     correct = torch.ones(3, 2, dtype=torch.bool)

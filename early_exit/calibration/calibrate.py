@@ -201,12 +201,15 @@ def calibrate_level(
             if binomial_cdf(errors, int(test.sum()), 1.0 - level) > delta:
                 break
             valid.append(row)
+    never_exit = torch.full((len(scores.exit_layers),), math.inf)
     if not valid:  # nothing certified: never exit early
-        chosen = torch.full((len(scores.exit_layers),), math.inf)
+        chosen = never_exit
     elif costs is None:
         chosen = valid[-1]  # the loosest valid policy: the fewest layers
-    else:  # every valid policy keeps the level, so the cheapest may be taken (its time measured on all tokens)
-        chosen = min(valid, key=lambda row: outcome_on(everything, row).ms_per_token)
+    else:
+        # Every valid policy keeps the level, and so does never exiting: the fastest is taken (its time measured on
+        # all tokens). Where exits cost more than they save, that is full depth.
+        chosen = min([*valid, never_exit], key=lambda row: outcome_on(everything, row).ms_per_token)
     return evaluate_policy(values, correct, chosen, scores.exit_layers, scores.num_layers, costs)
 
 
