@@ -219,7 +219,7 @@ class EarlyExitForCausalLM(PreTrainedModel):
 
         The early-exit options are the fields of `early_exit.generation.ExitDecodingConfig`, given as keyword
         arguments (`accuracy_level=0.95`, `exit_thresholds=[...]`, `confidence_metric`, `min_exit_layer`,
-        `kv_strategy`, `vocab_pruning`, `speculative`, `max_draft_tokens`) or as one `exit_config`; keywords
+        `kv_strategy`, `vocab_pruning`, `speculative`, `max_draft_tokens`, `kernels`) or as one `exit_config`; keywords
         override the `exit_config`'s fields. Without `accuracy_level` or `exit_thresholds`, every token runs the
         whole model and the output is exactly `base.generate`'s.
 
@@ -229,20 +229,21 @@ class EarlyExitForCausalLM(PreTrainedModel):
             ValueError: beam search, or (speculative) a batch the model's cache cannot serve.
         """
         options = ExitDecodingConfig.pop_from(kwargs, exit_config)
-        return generate_with_exits(
-            self.base,
-            self.decoder,
-            self.heads_by_layer(),
-            self.config,
-            self.decoding_kernels(options.kernels),
-            options,
-            inputs,
-            generation_config,
-            logits_processor,
-            stopping_criteria,
-            streamer,
-            **kwargs,
-        )
+        heads = self.heads_by_layer()
+        with self.decoding_kernels(options.kernels):
+            return generate_with_exits(
+                self.base,
+                self.decoder,
+                heads,
+                self.config,
+                options,
+                inputs,
+                generation_config,
+                logits_processor,
+                stopping_criteria,
+                streamer,
+                **kwargs,
+            )
 
     def train(self, mode: bool = True) -> EarlyExitForCausalLM:
         """Set training mode; a frozen base stays in eval mode, so its dropout never perturbs the heads' targets."""

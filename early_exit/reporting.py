@@ -248,3 +248,23 @@ def calibration_report(
             "",
         ]
     )
+
+
+def benchmark_page(title: str, command: str, lines: Sequence[str], plot: Path, caption: str) -> str:
+    """The Markdown page of a benchmark script: its title, the command that wrote it, its tables and its plot."""
+    return "\n".join(
+        [
+            f"# {title}",
+            "",
+            "Written by:",
+            "",
+            "```bash",
+            command,
+            "```",
+            "",
+            *lines,
+            "",
+            f"![{caption}]({plot.name})",
+            "",
+        ]
+    )

@@ -6,6 +6,7 @@ import argparse
 import os
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -41,13 +42,11 @@ def _vocab_pruning(args: argparse.Namespace) -> VocabPruningConfig | None:
     return VocabPruningConfig(top_k=top_k, prune_at=args.prune_at)
 
 
-def _decoding_options(
-    args: argparse.Namespace, pruning: VocabPruningConfig | None, level: float | None = None
-) -> ExitDecodingConfig:
+def _decoding_options(args: argparse.Namespace, pruning: VocabPruningConfig | None) -> ExitDecodingConfig:
     """The early-exit options `generate` was given on the command line; a mistake ends the command in one line."""
     try:
         return ExitDecodingConfig(
-            accuracy_level=args.level if level is None else level,
+            accuracy_level=args.level,
             exit_thresholds=args.thresholds,
             confidence_metric=args.metric,
             min_exit_layer=args.min_exit_layer,
@@ -386,17 +385,16 @@ def generate(args: argparse.Namespace) -> None:
     model = EarlyExitForCausalLM.from_pretrained(heads).eval()
     tokenizer = _tokenizer(model)
     num_layers = model.num_layers
-    level = args.level
     if options.full_depth and model.config.calibration:
-        level = 0.9  # the default level; uncalibrated heads without a level or thresholds run at full depth
-        options = _decoding_options(args, pruning, level)
+        # The default level; uncalibrated heads without a level or thresholds run at full depth.
+        options = replace(options, accuracy_level=0.9)
     if args.prompt:
         prompts = [{"kind": "instruction", "text": text} for text in args.prompt]
     else:
         prompts = load_prompts("eval")[:2]
     color = not args.no_color and not os.environ.get("NO_COLOR")
     colors = {layer: EXIT_COLORS[index % len(EXIT_COLORS)] for index, layer in enumerate(model.exit_layers)}
-    if level is None and args.thresholds is None:
+    if options.full_depth:
         print("no --level or --thresholds and the heads are not calibrated: every token runs to full depth")
     if args.speculative:
         print("self-speculative decoding: exits draft tokens, the full model verifies them (its output is kept)")
@@ -453,6 +451,7 @@ def generate(args: argparse.Namespace) -> None:
     if args.plot:
         from early_exit.reporting import plot_exit_layer_histogram
 
+        level = options.accuracy_level
         how = f"level {level:g}" if level is not None else "thresholds" if args.thresholds else "full depth"
         plot = plot_exit_layer_histogram(
             all_exits,

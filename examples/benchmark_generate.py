@@ -26,6 +26,7 @@ import torch  # noqa: E402
 from early_exit import EarlyExitForCausalLM, ExitDecodingConfig  # noqa: E402
 from early_exit.data import format_prompt, load_prompts  # noqa: E402
 from early_exit.default_model import load_base_tokenizer  # noqa: E402
+from early_exit.reporting import benchmark_page  # noqa: E402
 
 HEADS = Path(__file__).resolve().parents[1] / "adapters" / "SmolLM2-135M-Instruct-exits"
 
@@ -227,25 +228,14 @@ def main(argv: list[str] | None = None) -> None:
         figure.tight_layout()
         figure.savefig(plot, dpi=120)
         command = "python examples/benchmark_generate.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        output.write_text(
-            "\n".join(
-                [
-                    f"# Early-exit generation: {model.config.base_model_name_or_path}",
-                    "",
-                    "Written by:",
-                    "",
-                    "```bash",
-                    command,
-                    "```",
-                    "",
-                    *lines,
-                    "",
-                    f"![speed against agreement]({plot.name})",
-                    "",
-                ]
-            ),
-            encoding="utf-8",
+        page = benchmark_page(
+            f"Early-exit generation: {model.config.base_model_name_or_path}",
+            command,
+            lines,
+            plot,
+            "speed against agreement",
         )
+        output.write_text(page, encoding="utf-8")
         print(f"report written to {output}, plot to {plot}", file=sys.stderr)
 
 

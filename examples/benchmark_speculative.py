@@ -43,6 +43,7 @@ from early_exit import EarlyExitForCausalLM, ExitDecodingConfig  # noqa: E402
 from early_exit.data import load_prompts  # noqa: E402
 from early_exit.default_model import load_base_tokenizer  # noqa: E402
 from early_exit.generation import DEFAULT_MAX_DRAFT_TOKENS  # noqa: E402
+from early_exit.reporting import benchmark_page  # noqa: E402
 
 PLAIN, ASSISTED, FIXED, DSSD = "plain generate", "assistant_early_exit", "fixed drafter", "DSSD"
 
@@ -381,25 +382,10 @@ def main(argv: list[str] | None = None) -> None:
         output.parent.mkdir(parents=True, exist_ok=True)
         plot(rows, image, f"{name}: self-speculative decoding")
         command = "python examples/benchmark_speculative.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        output.write_text(
-            "\n".join(
-                [
-                    f"# Self-speculative decoding: {name}",
-                    "",
-                    "Written by:",
-                    "",
-                    "```bash",
-                    command,
-                    "```",
-                    "",
-                    *lines,
-                    "",
-                    f"![speed against tokens per full pass]({image.name})",
-                    "",
-                ]
-            ),
-            encoding="utf-8",
+        page = benchmark_page(
+            f"Self-speculative decoding: {name}", command, lines, image, "speed against tokens per full pass"
         )
+        output.write_text(page, encoding="utf-8")
         print(f"report written to {output}, plot to {image}", file=sys.stderr)
 
 

@@ -96,16 +96,19 @@ def test_the_learn_then_test_guarantee_holds_in_at_least_1_minus_delta_of_resamp
     assert 1.0 - binomial_cdf(violations - 1, resamplings, delta) > 1e-3, (violations, resamplings)
 
 
-def _costs(exits: int, head_ms: float, pruning_exit: int | None = None) -> ExitCosts:
-    return ExitCosts(
-        layer_ms=1.0, carry_fraction=0.0, head_ms=[head_ms] * exits, final_head_ms=0.0, pruning_exit=pruning_exit
-    )
+def _costs(exits: int, head_ms: float) -> ExitCosts:
+    return ExitCosts(layer_ms=1.0, carry_fraction=0.0, head_ms=[head_ms] * exits, final_head_ms=0.0)
 
 
 def test_an_exit_that_costs_more_than_it_saves_is_not_scored():
     scores = _synthetic(2, 6000, exits=3)
-    scores.scores["score"][:, 1] = 0.0  # the middle exit is never confident: it can only cost
-    scores.correct[:, 1] = False
+    # The middle exit is sure and right on 1% of tokens, unsure and wrong on the rest: calibrated by depth it emits
+    # there (it saves layers), but it saves 2 layers on 1% of tokens and costs every token that reaches it 0.5.
+    rare = torch.arange(scores.num_tokens) % 100 == 0
+    scores.scores["score"][:, 1] = rare.float()
+    scores.correct[:, 1] = rare
+    by_depth = calibrate_level(scores, "score", 0.9, "ltt")
+    assert math.isfinite(by_depth.thresholds[1]) and by_depth.exit_counts[1] > 0
     costly = calibrate_level(scores, "score", 0.9, "ltt", costs=_costs(3, head_ms=0.5))
     assert math.isinf(costly.thresholds[1]) and costly.exit_counts[1] == 0
     assert costly.accuracy >= 0.9

@@ -23,13 +23,7 @@ def heads(tmp_path):
     return tmp_path / "heads"
 
 
-def _markers(printed: str) -> list[str]:
-    generated = printed.split("--- prompt 1: Once upon a time\n", 1)[1].split("\n\n", 1)[0]
-    return re.findall(r"\[(\d+)\]", generated)
-
-
-def test_zero_thresholds_send_every_token_out_at_the_first_exit(heads, tmp_path, capsys):
-    plot = tmp_path / "h.png"
+def _generate(heads, max_new_tokens: int, *options: str) -> None:
     main(
         [
             "generate",
@@ -38,16 +32,23 @@ def test_zero_thresholds_send_every_token_out_at_the_first_exit(heads, tmp_path,
             "--prompt",
             "Once upon a time",
             "--max-new-tokens",
-            "8",
-            "--thresholds",
-            "0.0",
-            "0.0",
-            "0.0",
-            "--no-color",
-            "--plot",
-            str(plot),
+            str(max_new_tokens),
+            *options,
         ]
     )
+
+
+def _generated(printed: str) -> str:
+    return printed.split("--- prompt 1: Once upon a time\n", 1)[1].split("\n\n", 1)[0]
+
+
+def _markers(printed: str) -> list[str]:
+    return re.findall(r"\[(\d+)\]", _generated(printed))
+
+
+def test_zero_thresholds_send_every_token_out_at_the_first_exit(heads, tmp_path, capsys):
+    plot = tmp_path / "h.png"
+    _generate(heads, 8, "--thresholds", "0.0", "0.0", "0.0", "--no-color", "--plot", str(plot))
     printed = capsys.readouterr().out
     # The first token comes from the prompt's full-depth pass; max_prob >= 0 holds at exit 1 for every later one.
     assert _markers(printed) == ["5"] + ["1"] * 7
@@ -63,41 +64,28 @@ def test_zero_thresholds_send_every_token_out_at_the_first_exit(heads, tmp_path,
 
 def test_without_a_level_or_thresholds_uncalibrated_heads_run_every_token_to_full_depth(heads, capsys, monkeypatch):
     monkeypatch.delenv("NO_COLOR", raising=False)
-    main(["generate", "--heads", str(heads), "--prompt", "Once upon a time", "--max-new-tokens", "8", "--no-color"])
+    _generate(heads, 8, "--no-color")
     assert _markers(capsys.readouterr().out) == ["5"] * 8
 
 
 def test_colour_is_off_under_no_color_and_on_otherwise(heads, capsys, monkeypatch):
-    arguments = [
-        "generate",
-        "--heads",
-        str(heads),
-        "--prompt",
-        "Once upon a time",
-        "--max-new-tokens",
-        "4",
-        "--thresholds",
-        "0.0",
-        "0.0",
-        "0.0",
-    ]
+    arguments = ("--thresholds", "0.0", "0.0", "0.0")
     monkeypatch.setenv("NO_COLOR", "1")
-    main(arguments)
+    _generate(heads, 4, *arguments)
     assert _markers(capsys.readouterr().out) == ["5", "1", "1", "1"]
     monkeypatch.delenv("NO_COLOR")
-    main(arguments)
+    _generate(heads, 4, *arguments)
     printed = capsys.readouterr().out
     assert "\033[38;5;196m" in printed  # exit 1's colour, in the legend and on the generated tokens
     assert not _markers(printed)
 
 
 def test_speculative_prints_the_full_models_text_and_the_drafts_accepted(heads, capsys):
-    prompt = ["generate", "--heads", str(heads), "--prompt", "Once upon a time", "--max-new-tokens", "12"]
-    main([*prompt, "--no-color"])
-    full_depth = capsys.readouterr().out.split("--- prompt 1: Once upon a time\n", 1)[1].split("\n\n", 1)[0]
-    main([*prompt, "--thresholds", "0.0", "0.0", "0.0", "--speculative", "--max-draft-tokens", "3"])
+    _generate(heads, 12, "--no-color")
+    full_depth = _generated(capsys.readouterr().out)
+    _generate(heads, 12, "--thresholds", "0.0", "0.0", "0.0", "--speculative", "--max-draft-tokens", "3")
     printed = capsys.readouterr().out
-    text = printed.split("--- prompt 1: Once upon a time\n", 1)[1].split("\n\n", 1)[0]
+    text = _generated(printed)
     assert text == re.sub(r"\[\d+\]", "", full_depth)  # drafts from exit 1 change nothing in the output
     accepted, drafted = map(int, re.search(r"(\d+) of (\d+) drafts accepted", printed).groups())
     assert drafted > 0 and accepted <= drafted
@@ -105,19 +93,6 @@ def test_speculative_prints_the_full_models_text_and_the_drafts_accepted(heads, 
 
 def test_speculative_options_that_do_not_fit_are_refused(heads):
     with pytest.raises(SystemExit, match="max_draft_tokens only applies with speculative"):
-        main(["generate", "--heads", str(heads), "--max-draft-tokens", "3"])
+        _generate(heads, 4, "--max-draft-tokens", "3")
     with pytest.raises(SystemExit, match="kv_strategy='deferred'"):
-        main(
-            [
-                "generate",
-                "--heads",
-                str(heads),
-                "--speculative",
-                "--kv-strategy",
-                "propagate",
-                "--thresholds",
-                "0.5",
-                "0.5",
-                "0.5",
-            ]
-        )
+        _generate(heads, 4, "--speculative", "--kv-strategy", "propagate", "--thresholds", "0.5", "0.5", "0.5")

@@ -31,6 +31,7 @@ import torch
 
 from ..errors import CalibrationError
 from ..generation.thresholds import CalibrationTable, ExitCosts, PolicyOutcome
+from ..pruning import exits_to_score
 from .scores import ExitScores
 
 DEFAULT_LEVELS = (0.80, 0.90, 0.95, 0.99)
@@ -76,10 +77,10 @@ def _token_ms(
 ) -> torch.Tensor:
     """Each token's expected decoding time: the layers it runs, the deferred fill of those it skips (carried beside
     a later token), every scored exit it reaches, and the final head if it reaches full depth."""
-    scored = torch.isfinite(thresholds.double())
-    if costs.pruning_exit is not None and scored.any() and costs.pruning_exit < int(scored.nonzero()[-1, 0]):
-        scored[costs.pruning_exit] = True  # it chooses the tokens later exits score (see `VocabPruner`)
-    head = torch.where(scored, torch.tensor(costs.head_ms, dtype=torch.float64), 0.0)
+    may_emit = torch.isfinite(thresholds.double()).nonzero().flatten().tolist()
+    head = torch.zeros(len(exit_layers), dtype=torch.float64)
+    for index in exits_to_score(may_emit, costs.pruning_exit):  # as decoding runs them
+        head[index] = costs.head_ms[index]
     reached = torch.cat([head.cumsum(0), head.sum().reshape(1)])  # heads paid by a token leaving at each position
     layers = torch.tensor([*exit_layers, num_layers], dtype=torch.float64)[where]
     skipped = num_layers - layers

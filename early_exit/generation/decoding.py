@@ -29,7 +29,7 @@ from transformers import GenerationConfig
 from transformers.cache_utils import Cache, DynamicCache
 
 from ..heads import exit_logits
-from ..pruning import VocabPruner, scatter_to_vocabulary
+from ..pruning import VocabPruner, exits_to_score, scatter_to_vocabulary
 from .policy import ExitPolicy
 
 if TYPE_CHECKING:
@@ -117,12 +117,8 @@ class LayerwiseDecoder:
         self.policy = policy
         self.kv_strategy = kv_strategy
         self.pruner = VocabPruner(policy.vocab_pruning, policy.exit_layers)
-        # The exits to score: those that may emit, and the pruning exit when a later one may (it chooses the tokens
-        # they score, as it did when they were calibrated).
-        scored = set(policy.active_exits)
-        if self.pruner.prune_index is not None and scored and self.pruner.prune_index < max(scored):
-            scored.add(self.pruner.prune_index)
-        self.exit_index = {policy.exit_layers[index]: index for index in sorted(scored)}
+        scored = exits_to_score(policy.active_exits, self.pruner.prune_index)
+        self.exit_index = {policy.exit_layers[index]: index for index in scored}
         self.pending = _PendingPositions()
         self.stats = DecodingStatistics()
         # The mask, positions and cache of the last step, which the final deferred fill runs with.

@@ -9,7 +9,6 @@ token for token, so a policy that never exits reproduces `base.generate` exactly
 from __future__ import annotations
 
 from collections.abc import Mapping
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
@@ -136,7 +135,6 @@ def generate_with_exits(
     decoder: DecoderAdapter,
     heads: Mapping[int, nn.Module],
     config: EarlyExitConfig,
-    kernels: AbstractContextManager,
     options: ExitDecodingConfig,
     inputs: torch.LongTensor | None = None,
     generation_config: GenerationConfig | None = None,
@@ -146,8 +144,8 @@ def generate_with_exits(
     **kwargs,
 ) -> EarlyExitGenerateOutput | torch.LongTensor:
     """`base.generate(...)` with the decoding loop `options` ask for plugged in, running `decoder` layer by layer with
-    the exit `heads` (by layer number) described by `config`, inside `kernels` (the matmul forms of
-    `options.kernels`; see `EarlyExitForCausalLM.generate`); the other arguments are `generate`'s own.
+    the exit `heads` (by layer number) described by `config` (see `EarlyExitForCausalLM.generate`); the other
+    arguments are `generate`'s own.
 
     Raises:
         CalibrationError: a level the heads are not calibrated for.
@@ -159,12 +157,11 @@ def generate_with_exits(
         decode = speculative_decoding_function(layerwise, options.max_draft_tokens, streamer)
     else:
         decode = decoding_function(layerwise, streamer)
-    with kernels:
-        return base.generate(
-            inputs,
-            generation_config=generation_config,
-            logits_processor=logits_processor,
-            stopping_criteria=stopping_criteria,
-            custom_generate=decode,
-            **kwargs,
-        )
+    return base.generate(
+        inputs,
+        generation_config=generation_config,
+        logits_processor=logits_processor,
+        stopping_criteria=stopping_criteria,
+        custom_generate=decode,
+        **kwargs,
+    )

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -50,7 +50,7 @@ class ExitDecodingConfig:
         min_exit_layer: exits before this layer never emit.
         kv_strategy: "deferred" (skipped layers' cache filled exactly, later) or "propagate" (computed from the
             exited hidden state, approximate).
-        vocab_pruning: a `VocabPruningConfig` (an int top-k, a list schedule or a dict are turned into one); `None`
+        vocab_pruning: a `VocabPruningConfig` (a top-k, a list schedule or a dict are turned into one); `None`
             uses the heads' configured pruning, `False` none.
         speculative: dynamic self-speculative decoding: exits only draft tokens, which the full model verifies, so
             the output is the full model's.
@@ -128,9 +128,7 @@ class ExitDecodingConfig:
         if base is not None and not isinstance(base, cls):
             raise InvalidOptionError(f"exit_config must be an ExitDecodingConfig, got {type(base).__name__}.")
         given = {field.name: kwargs.pop(field.name) for field in fields(cls) if field.name in kwargs}
-        if base is None:
-            return cls(**given)
-        return cls(**{**{field.name: getattr(base, field.name) for field in fields(cls)}, **given})
+        return cls(**given) if base is None else replace(base, **given)
 
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)  # normalising a field of a frozen dataclass, during __post_init__
@@ -165,18 +163,11 @@ def _thresholds(values: Any) -> tuple[float, ...]:
 
 
 def _vocab_pruning(value: Any) -> VocabPruningConfig | bool | None:
-    if value is None or value is False or isinstance(value, VocabPruningConfig):
+    if value is None or value is False:
         return value
     if value is True:
         raise InvalidOptionError(
             "vocab_pruning=True is ambiguous: pass a top-k (e.g. 512), a VocabPruningConfig, None for the heads' own "
             "setting or False for none."
         )
-    if isinstance(value, numbers.Integral) or (isinstance(value, Sequence) and not isinstance(value, str | bytes)):
-        return VocabPruningConfig(top_k=int(value) if isinstance(value, numbers.Integral) else list(value))
-    if isinstance(value, Mapping):
-        return VocabPruningConfig.from_dict(value)
-    raise InvalidOptionError(
-        f"vocab_pruning must be a top-k, a list of top-ks, a dict or a VocabPruningConfig (None: the heads' setting; "
-        f"False: none), got {value!r}."
-    )
+    return VocabPruningConfig.from_dict(value)

@@ -1,5 +1,5 @@
 """Dynamic vocabulary pruning at early exits."""
 
-from .vocab import VocabPruner, VocabPruningConfig, scatter_to_vocabulary
+from .vocab import VocabPruner, VocabPruningConfig, exits_to_score, scatter_to_vocabulary
 
-__all__ = ["VocabPruner", "VocabPruningConfig", "scatter_to_vocabulary"]
+__all__ = ["VocabPruner", "VocabPruningConfig", "exits_to_score", "scatter_to_vocabulary"]

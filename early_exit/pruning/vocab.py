@@ -9,6 +9,8 @@ A token that reaches the final layer is scored there over the full vocabulary, a
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import torch
@@ -53,24 +55,39 @@ class VocabPruningConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict | VocabPruningConfig | int | None) -> VocabPruningConfig | None:
-        """A config from its dict form (an int is a fixed `top_k`; `None` stays `None`).
+    def from_dict(cls, values: dict | list[int] | int | VocabPruningConfig | None) -> VocabPruningConfig | None:
+        """A config from its dict form, a fixed top-k (an integer) or a top-k schedule (a list); `None` stays
+        `None`.
 
         Raises:
             VocabPruningError: a dict with unknown or missing fields, or a value of another type.
         """
         if values is None or isinstance(values, VocabPruningConfig):
             return values
-        if isinstance(values, int) and not isinstance(values, bool):
-            return cls(top_k=values)
-        if not isinstance(values, dict):
-            raise VocabPruningError(f"A vocabulary pruning setting must be a dict or a top-k, got {values!r}.")
+        if isinstance(values, numbers.Integral) and not isinstance(values, bool):
+            return cls(top_k=int(values))
+        if isinstance(values, list | tuple):
+            return cls(top_k=list(values))
+        if not isinstance(values, Mapping):
+            raise VocabPruningError(
+                f"A vocabulary pruning setting must be a top-k, a list of top-ks, a dict or a VocabPruningConfig, "
+                f"got {values!r}."
+            )
         unknown = sorted(set(values) - set(cls.__dataclass_fields__))
         if unknown or "top_k" not in values:
             raise VocabPruningError(
                 f"A vocabulary pruning setting needs top_k and may have prune_at; got fields {sorted(values)}."
             )
         return cls(**values)
+
+
+def exits_to_score(may_emit: list[int], prune_index: int | None) -> list[int]:
+    """The indices of the exits whose heads run: those that may emit, and the pruning exit when an exit after it may
+    (it chooses the tokens that exit scores, as calibration scored it), in order."""
+    scored = set(may_emit)
+    if prune_index is not None and scored and prune_index < max(scored):
+        scored.add(prune_index)
+    return sorted(scored)
 
 
 class VocabPruner:
