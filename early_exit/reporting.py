@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy
 
-from .calibration import CalibrationTable, ExitScores, PolicyOutcome
+from .calibration import CalibrationTable, ExitCosts, ExitScores, PolicyOutcome
 from .training import ExitAgreement
 
 
@@ -20,6 +20,42 @@ class AgreementCurve:
     label: str
     result: ExitAgreement
     parameters: int = 0
+
+
+@dataclass
+class HeadCosts:
+    """What the heads of one folder cost, exit by exit.
+
+    Attributes:
+        label: the folder's name.
+        parameters: per exit, the head's parameters.
+        full: decoding-step costs with every head scoring the full vocabulary.
+        pruned: the same with the vocabulary pruned at the first exit (its head pays the full vocabulary and the
+            top-k, the later ones score only the kept tokens).
+        kept: the number of tokens kept by `pruned`.
+    """
+
+    label: str
+    parameters: list[int]
+    full: ExitCosts
+    pruned: ExitCosts
+    kept: int
+
+
+def head_costs_table(exit_layers: Sequence[int], costs: HeadCosts) -> str:
+    """A Markdown table: per exit, its head's parameters and the time of one head call (with its confidence metric)
+    as a multiple of one decoder layer, over the full vocabulary and pruned."""
+    rows = [
+        "| exit after layer | head parameters | head call, full vocabulary (x layer) | "
+        f"head call, pruned to {costs.kept} tokens (x layer) |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
+    for index, layer in enumerate(exit_layers):
+        full = costs.full.head_ms[index] / costs.full.layer_ms
+        pruned = costs.pruned.head_ms[index] / costs.pruned.layer_ms
+        note = " (prunes)" if index == costs.pruned.pruning_exit else ""
+        rows.append(f"| {layer} | {costs.parameters[index]:,} | {full:.2f} | {pruned:.2f}{note} |")
+    return "\n".join(rows)
 
 
 def agreement_table(curves: list[AgreementCurve]) -> str:
@@ -162,10 +198,17 @@ def plot_exit_layer_histogram(
 
 
 def heads_report(
-    base_model: str, curves: list[AgreementCurve], tokens: int, command: str, plot: Path, trainings: dict[str, dict]
+    base_model: str,
+    curves: list[AgreementCurve],
+    tokens: int,
+    command: str,
+    plot: Path,
+    trainings: dict[str, dict],
+    costs: dict[str, tuple[list[int], HeadCosts]] | None = None,
 ) -> str:
     """The Markdown page of `early-exit report`: agreement by layer of each heads folder against the logit lens,
-    with how each was trained (`trainings`: folder name -> its config's `training` record)."""
+    with how each was trained (`trainings`: folder name -> its config's `training` record) and, with `costs`
+    (folder name -> its exit layers and measured costs), what each head costs."""
     lines = [
         f"# Held-out agreement of exit heads: {base_model}",
         "",
@@ -182,6 +225,16 @@ def heads_report(
         agreement_table(curves),
         "",
     ]
+    for name, (exit_layers, measured) in (costs or {}).items():
+        lines += [
+            f"## What the heads of `{name}` cost",
+            "",
+            f"Measured on this machine at batch size 1 after 128 cached positions; one decoder layer took "
+            f"{measured.full.layer_ms:.2f} ms.",
+            "",
+            head_costs_table(exit_layers, measured),
+            "",
+        ]
     for name, training in trainings.items():
         lines += [f"## How `{name}` was trained", ""]
         lines += [f"- {key}: {value}" for key, value in training.items() if "agreement" not in key] + [""]

@@ -13,9 +13,18 @@ from .parser import build_parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the `early-exit` console script."""
+    """Entry point of the `early-exit` console script.
+
+    A mistake the library names (a bad option, an unusable folder or file) ends the command with one line on stderr
+    and exit status 1, not a traceback.
+    """
     args = build_parser().parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
+    from early_exit.errors import EarlyExitError
+
     from .commands import COMMANDS  # the library loads here, after the arguments are known
 
-    COMMANDS[args.command](args)
+    try:
+        COMMANDS[args.command](args)
+    except (EarlyExitError, OSError) as error:
+        raise SystemExit(f"early-exit {args.command}: {error}") from error

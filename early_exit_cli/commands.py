@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from dataclasses import replace
@@ -14,6 +13,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from early_exit import EarlyExitForCausalLM, add_exit_heads
+from early_exit.architectures import unwrap_model
+from early_exit.checkpoint import check_writable
 from early_exit.data import format_prompt, load_prompts
 from early_exit.default_model import DEFAULT_MODEL_ID, load_base_model, load_base_tokenizer
 from early_exit.errors import EarlyExitError
@@ -21,7 +22,7 @@ from early_exit.generation import ExitDecodingConfig
 from early_exit.pruning import VocabPruningConfig
 from early_exit.training import measure_agreement
 
-from .display import EXIT_COLORS, paint, token_texts
+from .display import EXIT_COLORS, paint, token_texts, use_color
 
 #: The heads shipped with the repository for the default model (not installed with the package).
 SHIPPED_HEADS = Path(__file__).resolve().parents[1] / "adapters" / "SmolLM2-135M-Instruct-exits"
@@ -60,8 +61,18 @@ def _decoding_options(args: argparse.Namespace, pruning: VocabPruningConfig | No
         raise SystemExit(f"early-exit generate: {error}") from error
 
 
+def _check_block_size(model: torch.nn.Module, block_size: int) -> None:
+    """Refuse blocks longer than the model's positions before any text is made of them."""
+    positions = getattr(unwrap_model(model).config, "max_position_embeddings", None)
+    if positions is not None and block_size > positions:
+        raise SystemExit(
+            f"early-exit: --block-size {block_size} is longer than the model's {positions} positions; use "
+            f"--block-size {positions} or less."
+        )
+
+
 def _tokenizer(model: EarlyExitForCausalLM) -> PreTrainedTokenizerBase:
-    return load_base_tokenizer(model.config.base_model_name_or_path, model.config.base_model_revision)
+    return model.base_tokenizer()
 
 
 def info(args: argparse.Namespace) -> None:
@@ -118,9 +129,13 @@ def train(args: argparse.Namespace) -> None:
     from early_exit.default_model import _resolves_to_wheel
     from early_exit.training import EarlyExitTrainer, EarlyExitTrainingArguments
 
+    if args.resume and not args.checkpoint_dir:
+        raise SystemExit("early-exit train: --resume continues from --checkpoint-dir; give --checkpoint-dir too.")
+    check_writable(args.output)  # now, not after the training
     torch.manual_seed(args.seed)
     args.model = args.model or DEFAULT_MODEL_ID
     base = load_base_model(args.model)
+    _check_block_size(base, args.block_size)
     tokenizer = load_base_tokenizer(args.model)
     if args.lora_rank:
         from peft import LoraConfig, get_peft_model
@@ -137,8 +152,16 @@ def train(args: argparse.Namespace) -> None:
             ("eval", args.eval_tokens, args.eval_files),
         )
     }
+    for split, blocks in corpus.items():
+        if len(blocks) == 0:
+            raise SystemExit(
+                f"early-exit train: the {split} text is empty; give --{split}-files with some text, or more "
+                f"--{split}-tokens."
+            )
+    # Trainer needs an output folder even when it saves nothing; this one goes when train() returns.
+    scratch = None if args.checkpoint_dir else tempfile.TemporaryDirectory(prefix="early-exit-train-")
     training_args = EarlyExitTrainingArguments(
-        output_dir=args.checkpoint_dir or tempfile.mkdtemp(prefix="early-exit-train-"),
+        output_dir=args.checkpoint_dir or scratch.name,
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size,
         gradient_accumulation_steps=args.gradient_accumulation,
@@ -199,15 +222,22 @@ def train(args: argparse.Namespace) -> None:
             layer: round(before[f"eval_agreement_layer_{layer}"], 4) for layer in model.exit_layers
         },
     }
-    model.save_pretrained(args.output)
+    model.save_pretrained(args.output, tokenizer=tokenizer)
     print(f"heads written to {args.output}")
 
 
 def report(args: argparse.Namespace) -> None:
     """Measure heads folders against the untrained logit lens at every layer on held-out text; write a Markdown
     report with a table and a plot of agreement by layer."""
+    from early_exit.calibration import measure_exit_costs
     from early_exit.data.corpus import distillation_corpus
-    from early_exit.reporting import AgreementCurve, agreement_table, heads_report, plot_agreement_by_layer
+    from early_exit.reporting import (
+        AgreementCurve,
+        HeadCosts,
+        agreement_table,
+        heads_report,
+        plot_agreement_by_layer,
+    )
     from early_exit.training import held_out_agreement
 
     first = EarlyExitForCausalLM.from_pretrained(args.heads[0])
@@ -218,12 +248,23 @@ def report(args: argparse.Namespace) -> None:
     lens = add_exit_heads(base, list(range(1, num_layers)), head_type="logit_lens")
     curves = [AgreementCurve("logit lens (untrained)", held_out_agreement(lens, dataset, bf16=args.bf16))]
     base_parameters = first.base_parameter_count()
+    costs = {}
+    pruning = VocabPruningConfig(top_k=512)
     for folder in args.heads:
         model = first if folder == args.heads[0] else EarlyExitForCausalLM.from_pretrained(folder, base_model=base)
         share = 100 * model.head_parameter_count() / base_parameters
         size = f" {model.config.adapter_size}" if model.config.adapter_size else ""
         label = f"{Path(folder).name} ({model.config.head_type}{size}, {share:.1f}% of base)"
         curves.append(AgreementCurve(label, held_out_agreement(model, dataset, bf16=args.bf16)))
+        parameters = [sum(p.numel() for p in head.parameters()) for head in model.exit_heads.values()]
+        measured = HeadCosts(
+            Path(folder).name,
+            parameters,
+            measure_exit_costs(model, "max_prob"),
+            measure_exit_costs(model, "max_prob", pruning),
+            pruning.top_k,
+        )
+        costs[Path(folder).name] = (model.exit_layers, measured)
     output = Path(args.output)
     plot = plot_agreement_by_layer(
         curves, output.with_suffix(".png"), f"{name}: held-out top-1 agreement ({dataset.num_tokens} tokens)"
@@ -232,7 +273,7 @@ def report(args: argparse.Namespace) -> None:
         Path(folder).name: EarlyExitForCausalLM.config_class.from_pretrained(folder).training or {}
         for folder in args.heads
     }
-    page = heads_report(name, curves, dataset.num_tokens, "early-exit " + " ".join(args.argv), plot, trainings)
+    page = heads_report(name, curves, dataset.num_tokens, "early-exit " + " ".join(args.argv), plot, trainings, costs)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(page, encoding="utf-8")
     print(agreement_table(curves))
@@ -257,12 +298,16 @@ def calibrate(args: argparse.Namespace) -> None:
         plot_exit_histograms,
     )
 
+    check_writable(args.heads)  # the table is saved there: know now, not after the calibration
     model = EarlyExitForCausalLM.from_pretrained(args.heads)
+    _check_block_size(model.base, args.block_size)
     config = model.config
     tokenizer = _tokenizer(model)
     dataset = distillation_corpus(
         model.base, tokenizer, "calibration", args.tokens, args.block_size, args.generation_tokens
     )
+    if len(dataset) == 0:
+        raise SystemExit("early-exit calibrate: the calibration text is empty; give more --tokens.")
     pruning = _vocab_pruning(args)
     scores = collect_exit_scores(model, dataset, args.metrics, bf16=args.bf16, vocab_pruning=pruning)
     tables = [
@@ -381,8 +426,11 @@ def generate(args: argparse.Namespace) -> None:
         raise SystemExit("--no-pruning and --prune-top-k contradict each other; give one.")
     if args.speculative and args.plot:
         raise SystemExit("--plot draws exit layers; with --speculative every token is the full model's.")
+    if args.prompt and not all(text.strip() for text in args.prompt):
+        raise SystemExit("early-exit generate: a --prompt is empty; give the instruction's text, or no --prompt.")
     options = _decoding_options(args, pruning)  # checked before the model loads
-    model = EarlyExitForCausalLM.from_pretrained(heads).eval()
+    placement = {"device_map": args.device, "dtype": getattr(torch, args.dtype) if args.dtype else None}
+    model = EarlyExitForCausalLM.from_pretrained(heads, **placement).eval()
     tokenizer = _tokenizer(model)
     num_layers = model.num_layers
     if options.full_depth and model.config.calibration:
@@ -392,7 +440,7 @@ def generate(args: argparse.Namespace) -> None:
         prompts = [{"kind": "instruction", "text": text} for text in args.prompt]
     else:
         prompts = load_prompts("eval")[:2]
-    color = not args.no_color and not os.environ.get("NO_COLOR")
+    color = use_color(args.no_color)
     colors = {layer: EXIT_COLORS[index % len(EXIT_COLORS)] for index, layer in enumerate(model.exit_layers)}
     if options.full_depth:
         print("no --level or --thresholds and the heads are not calibrated: every token runs to full depth")
@@ -408,6 +456,7 @@ def generate(args: argparse.Namespace) -> None:
     all_exits: list[int] = []
     for number, prompt in enumerate(prompts, 1):
         encoded = tokenizer(format_prompt(prompt, tokenizer), return_tensors="pt", add_special_tokens=False)
+        encoded = encoded.to(model.device)
         started = time.perf_counter()
         try:
             with torch.no_grad():

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 from transformers import PreTrainedTokenizerBase
 
 #: ANSI 256-colour codes for exits, earliest first (red to blue); full-depth tokens keep the terminal's colour.
 EXIT_COLORS = (196, 208, 220, 112, 37, 33, 129, 201)
+
+
+def use_color(no_color: bool = False) -> bool:
+    """Whether to colour tokens: only on a terminal (never into a pipe or a file), and not when `--no-color` or the
+    `NO_COLOR` environment variable (https://no-color.org) says no."""
+    return not no_color and not os.environ.get("NO_COLOR") and sys.stdout.isatty()
 
 
 def paint(text: str, color: int | None) -> str:

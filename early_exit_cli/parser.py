@@ -9,7 +9,11 @@ and the library decides and validates, so the two can never drift apart.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 from pathlib import Path
+
+#: The weight dtypes `--dtype` offers (names of torch dtypes).
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _exit_layer(text: str) -> int | float:
@@ -54,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="early-exit",
         description="Faster decoding for Hugging Face causal LMs with calibrated early-exit heads.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('early-exit')}")
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="show a model's layers, exits and head sizes")
     _add_model_arguments(info)
@@ -140,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the first 2 eval prompts)",
     )
     generate.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    generate.add_argument("--device", help="where to run the model, e.g. cpu, cuda, cuda:1, mps (default: cpu)")
+    generate.add_argument(
+        "--dtype", choices=DTYPES, help="dtype to load the weights in (default: the base model's, as saved)"
+    )
     policy = generate.add_mutually_exclusive_group()
     policy.add_argument(
         "--level",

@@ -212,8 +212,6 @@ def test_model_without_lm_head_is_refused():
 
 
 def test_pretrained_stories260k_cached_layer_by_layer_matches_base():
-    if not STORIES260K.is_dir():
-        pytest.skip(f"{STORIES260K} is absent")
     model = AutoModelForCausalLM.from_pretrained(STORIES260K).eval()
     tokenizer = AutoTokenizer.from_pretrained(STORIES260K)
     encoded = tokenizer("Once upon a time, there was a little girl named Lily.", return_tensors="pt")

@@ -14,8 +14,8 @@ from tiny_models import VOCAB, tiny_model
 from transformers import AutoModelForCausalLM
 
 import early_exit
-from early_exit import CheckpointError, EarlyExitForCausalLM, HeadMismatchError
-from early_exit.checkpoint import WEIGHTS_NAME
+from early_exit import CheckpointError, EarlyExitConfig, EarlyExitForCausalLM, HeadMismatchError
+from early_exit.checkpoint import WEIGHTS_NAME, read_matching_weights
 from early_exit.errors import HubUnreachableError
 
 
@@ -59,7 +59,7 @@ def test_only_head_weights_are_saved(tmp_path):
     model = early_exit.add_exit_heads(_saved_base(tmp_path), [1, 2, 3])
     model.save_pretrained(tmp_path / "heads")
     assert sorted(path.name for path in (tmp_path / "heads").iterdir()) == sorted(
-        ["README.md", WEIGHTS_NAME, "config.json"]
+        ["README.md", WEIGHTS_NAME, "config.json", "generation_config.json"]
     )
     tensors = load_file(tmp_path / "heads" / WEIGHTS_NAME)
     assert all(name.startswith("exit_heads.") for name in tensors)
@@ -105,6 +105,28 @@ def test_saving_again_replaces_the_heads_and_keeps_other_files(tmp_path):
     assert (tmp_path / "heads" / "logs" / "run.txt").read_text() == "step 1"
     saved = load_file(tmp_path / "heads" / WEIGHTS_NAME)
     assert torch.equal(saved["exit_heads.2.up.weight"], model.exit_heads["2"].up.weight)
+
+
+def test_a_config_from_another_save_than_the_weights_is_read_again(tmp_path):
+    model = _with_trained_looking_heads(early_exit.add_exit_heads(_saved_base(tmp_path), [2]))
+    heads = tmp_path / "heads"
+    model.save_pretrained(heads)
+    stale = EarlyExitConfig.from_pretrained(heads)  # as a reader holds it when a save lands
+    model.save_pretrained(heads)
+    assert stale.save_id != model.config.save_id
+    reads = []
+
+    def read_config():
+        reads.append(1)
+        return EarlyExitConfig.from_pretrained(heads)
+
+    config, weights = read_matching_weights(heads / WEIGHTS_NAME, stale, read_config, str(heads))
+    assert reads == [1] and config.save_id == model.config.save_id
+    assert torch.equal(weights["exit_heads.2.up.weight"], model.exit_heads["2"].up.weight)
+    # The same stale config again and again: saves keep landing, and the load says so instead of mixing them.
+    with pytest.raises(CheckpointError, match="saved again during every one of 5 attempts"):
+        read_matching_weights(heads / WEIGHTS_NAME, stale, lambda: stale, str(heads))
+    assert EarlyExitForCausalLM.from_pretrained(heads, config=stale).config.save_id == model.config.save_id
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
@@ -210,7 +232,12 @@ def test_push_uploads_only_the_head_files_of_the_saved_folder(tmp_path, monkeypa
     assert len(writes) == 1  # the saved folder itself is uploaded: nothing is written twice
     assert _RecordingHub.calls == [
         ("create_repo", "me/heads", True, True),
-        ("upload_folder", "me/heads", sorted(["README.md", "config.json", WEIGHTS_NAME]), "Upload early-exit heads"),
+        (
+            "upload_folder",
+            "me/heads",
+            sorted(["README.md", "config.json", "generation_config.json", WEIGHTS_NAME]),
+            "Upload early-exit heads",
+        ),
     ]
     assert model.push_to_hub("me/heads", commit_message="v2") == "https://hub.invalid/me/heads/commit/1"
     assert _RecordingHub.calls[-1][-1] == "v2"

@@ -6,7 +6,7 @@ import re
 
 import pytest
 from tiny_models import STORIES260K, tiny_model
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import early_exit
 from early_exit_cli import main
@@ -31,7 +31,6 @@ def test_info_reads_a_saved_heads_folder(tmp_path, capsys):
     assert rows == [("1", "0.25", "logit_lens", "0"), ("3", "0.75", "logit_lens", "0")]
 
 
-@pytest.mark.skipif(not STORIES260K.is_dir(), reason="shared/models/stories260k is not beside the checkout")
 def test_agreement_reports_every_exit_on_a_real_model(capsys):
     main(["agreement", "--model", str(STORIES260K), "--prompts", "3", "--max-new-tokens", "6"])
     printed = capsys.readouterr().out
@@ -43,7 +42,6 @@ def test_agreement_reports_every_exit_on_a_real_model(capsys):
     assert re.search(r"averages [\d.]+ of 5 layers", printed)
 
 
-@pytest.mark.skipif(not STORIES260K.is_dir(), reason="shared/models/stories260k is not beside the checkout")
 def test_train_writes_a_heads_folder_that_loads_and_records_its_training(tmp_path, capsys):
     output = tmp_path / "heads"
     main(
@@ -79,9 +77,33 @@ def test_train_writes_a_heads_folder_that_loads_and_records_its_training(tmp_pat
         layer: pytest.approx(float(after) / 100, abs=6e-4) for layer, _, after, _ in rows
     }
     assert "## Training" in (output / "README.md").read_text()
+    assert (
+        AutoTokenizer.from_pretrained(output)("Once").input_ids
+        == AutoTokenizer.from_pretrained(STORIES260K)("Once").input_ids
+    )
 
 
-@pytest.mark.skipif(not STORIES260K.is_dir(), reason="shared/models/stories260k is not beside the checkout")
+def test_train_tunes_lora_jointly_on_a_model_with_tied_embeddings(tmp_path, capsys):
+    output = tmp_path / "heads"
+    sizes = ["--train-tokens", "600", "--eval-tokens", "200", "--block-size", "64", "--generation-tokens", "0"]
+    main(
+        ["train", "--model", str(STORIES260K), "--exit-layers", "2", "--output", str(output), "--epochs", "1"]
+        + ["--lora-rank", "2", *sizes]
+    )
+    assert (output / "base_adapter" / "adapter_model.safetensors").is_file()
+    model = AutoModelForCausalLM.from_pretrained(output)
+    assert model.config.training["joint LoRA rank"] == 2
+    inner = model.base.get_base_model()
+    assert inner.lm_head.weight is inner.model.embed_tokens.weight  # the base kept its tied embeddings
+
+
+def test_version_is_printed(capsys):
+    with pytest.raises(SystemExit) as exit_status:
+        main(["--version"])
+    assert exit_status.value.code == 0
+    assert re.fullmatch(r"early-exit \d+\.\d+\.\d+\S*\n", capsys.readouterr().out)
+
+
 def test_calibrate_stores_a_table_that_verify_measures_on_held_out_text(tmp_path, capsys):
     heads = tmp_path / "heads"
     early_exit.add_exit_heads(AutoModelForCausalLM.from_pretrained(STORIES260K), [2, 3, 4]).save_pretrained(heads)

@@ -86,19 +86,12 @@ def test_users_files_are_read_whole_or_by_column(tmp_path):
         list(file_texts([tmp_path / "missing.txt"]))
 
 
-needs_stories = pytest.mark.skipif(
-    not STORIES260K.is_dir(), reason="shared/models/stories260k is not beside the checkout"
-)
-
-
-@needs_stories
 def test_tokenizing_stops_at_the_budget():
     tokenizer = AutoTokenizer.from_pretrained(STORIES260K)
     ids = list(tokenize_texts(["Once upon a time there was a cat."] * 10, tokenizer, max_tokens=25))
     assert sum(map(len, ids)) == 25
 
 
-@needs_stories
 def test_generations_continue_the_prompts_and_leave_the_tokenizer_as_it_was():
     tokenizer = AutoTokenizer.from_pretrained(STORIES260K)
     model = AutoModelForCausalLM.from_pretrained(STORIES260K).eval()

@@ -5,13 +5,12 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 from tiny_models import STORIES260K
 from transformers import AutoModelForCausalLM
 
 import early_exit
 from early_exit_cli import main
-
-pytestmark = pytest.mark.skipif(not STORIES260K.is_dir(), reason="shared/models/stories260k is not beside the checkout")
 
 
 @pytest.fixture
@@ -68,16 +67,35 @@ def test_without_a_level_or_thresholds_uncalibrated_heads_run_every_token_to_ful
     assert _markers(capsys.readouterr().out) == ["5"] * 8
 
 
-def test_colour_is_off_under_no_color_and_on_otherwise(heads, capsys, monkeypatch):
+def test_colour_is_on_only_on_a_terminal_without_no_color(heads, capsys, monkeypatch):
     arguments = ("--thresholds", "0.0", "0.0", "0.0")
-    monkeypatch.setenv("NO_COLOR", "1")
-    _generate(heads, 4, *arguments)
-    assert _markers(capsys.readouterr().out) == ["5", "1", "1", "1"]
-    monkeypatch.delenv("NO_COLOR")
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    _generate(heads, 4, *arguments)  # captured output is not a terminal: no escape codes in pipes and files
+    printed = capsys.readouterr().out
+    assert _markers(printed) == ["5", "1", "1", "1"] and "\033[" not in printed
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
     _generate(heads, 4, *arguments)
     printed = capsys.readouterr().out
     assert "\033[38;5;196m" in printed  # exit 1's colour, in the legend and on the generated tokens
     assert not _markers(printed)
+    monkeypatch.setenv("NO_COLOR", "1")
+    _generate(heads, 4, *arguments)
+    assert _markers(capsys.readouterr().out) == ["5", "1", "1", "1"]
+
+
+def test_the_model_loads_in_the_dtype_and_on_the_device_asked_for(heads, capsys, monkeypatch):
+    loaded = []
+    load = early_exit.EarlyExitForCausalLM.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        loaded.append(load(cls, *args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(early_exit.EarlyExitForCausalLM, "from_pretrained", classmethod(spy))
+    _generate(heads, 4, "--thresholds", "0.0", "0.0", "0.0", "--dtype", "bfloat16", "--device", "cpu")
+    assert _markers(capsys.readouterr().out) == ["5", "1", "1", "1"]
+    (model,) = loaded
+    assert model.base.dtype == torch.bfloat16 and model.device == torch.device("cpu")
 
 
 def test_speculative_prints_the_full_models_text_and_the_drafts_accepted(heads, capsys):

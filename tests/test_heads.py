@@ -136,7 +136,7 @@ def test_a_user_registered_head_type_works_end_to_end(tmp_path):
             self.scale = nn.Parameter(torch.tensor(1.0))
 
         @classmethod
-        def build(cls, decoder, config):
+        def build(cls, decoder, config, layer):
             return cls()
 
         def forward(self, hidden, decoder):

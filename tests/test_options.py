@@ -4,10 +4,11 @@ names clearly."""
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny_models import tiny_model
 
@@ -37,7 +38,7 @@ def test_a_level_that_is_not_a_number_is_refused_as_both_value_and_type_error(va
     assert isinstance(raised.value, ValueError) and isinstance(raised.value, TypeError)
 
 
-@given(thresholds=st.lists(st.one_of(st.none(), st.floats(allow_nan=False)), max_size=6))
+@given(thresholds=st.lists(st.one_of(st.none(), st.floats(allow_nan=False)), min_size=1, max_size=6))
 def test_thresholds_become_a_tuple_of_floats_with_none_as_never(thresholds):
     options = ExitDecodingConfig(exit_thresholds=thresholds)
     assert options.exit_thresholds == tuple(math.inf if value is None else value for value in thresholds)
@@ -48,6 +49,8 @@ def test_thresholds_become_a_tuple_of_floats_with_none_as_never(thresholds):
     ("options", "message"),
     [
         (dict(exit_thresholds="0.5"), "list of numbers"),
+        (dict(exit_thresholds=[]), "exit_thresholds is empty"),
+        (dict(exit_thresholds=torch.tensor(0.5)), "list of numbers"),
         (dict(exit_thresholds=[0.5, "x"]), "exit_thresholds\\[1\\] must be a number"),
         (dict(exit_thresholds=[0.5, math.nan]), "NaN"),
         (dict(accuracy_level=0.9, exit_thresholds=[0.5]), "not both"),
@@ -71,6 +74,28 @@ def test_thresholds_become_a_tuple_of_floats_with_none_as_never(thresholds):
 def test_bad_options_name_what_is_wrong(options, message):
     with pytest.raises((InvalidOptionError, UnknownNameError), match=message):
         ExitDecodingConfig(**options)
+
+
+ANY_VALUE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 10**6),
+    st.floats(),
+    st.text(max_size=6),
+    st.lists(st.one_of(st.none(), st.integers(-3, 600), st.floats(), st.text(max_size=2)), max_size=4),
+    st.dictionaries(st.sampled_from(["top_k", "prune_at", "k"]), st.integers(-3, 600), max_size=2),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(options=st.dictionaries(st.sampled_from([field.name for field in fields(ExitDecodingConfig)]), ANY_VALUE))
+def test_any_options_are_accepted_or_refused_with_an_option_error(options):
+    """Whatever the types and ranges, `ExitDecodingConfig` answers with options or with its own error: never with a
+    bare TypeError, KeyError or IndexError from deeper down."""
+    try:
+        ExitDecodingConfig(**options)
+    except (InvalidOptionError, UnknownNameError) as error:
+        assert str(error)
 
 
 def test_options_normalise_and_are_frozen():

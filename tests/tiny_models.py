@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-#: A real but tiny pretrained Llama with a tokenizer (5 layers), in the shared folder beside the checkout if present.
-STORIES260K = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260k"
+#: A real but tiny pretrained Llama with a tokenizer (5 layers, tied embeddings; MIT, see its PROVENANCE.md).
+STORIES260K = Path(__file__).resolve().parent / "data" / "stories260k"
 
 VOCAB = 97
 _COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=48)

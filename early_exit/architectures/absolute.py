@@ -28,11 +28,11 @@ class GPT2DecoderAdapter(DecoderAdapter):
         hidden = self.inner.wte(input_ids) + self.inner.wpe(position_ids)
         return self.inner.drop(hidden)
 
-    def layer(self, index: int, hidden: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
-        return self.layers[index](
+    def run_block(self, block: nn.Module, layer_type: str, hidden: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
+        return block(
             hidden,
             inputs.cache,
-            inputs.attention_masks[self.layer_type(index)],
+            inputs.attention_masks[layer_type],
             use_cache=inputs.cache is not None,
             position_ids=inputs.position_ids,
         )
@@ -68,21 +68,22 @@ class OPTDecoderAdapter(DecoderAdapter):
         # The positional embedding reads only `position_ids` when they are given; its mask argument is unused.
         return hidden + self.inner.embed_positions(None, 0, position_ids=position_ids)
 
-    def attention_masks(
+    def attention_mask(
         self,
+        layer_type: str,
         hidden: torch.Tensor,
         attention_mask: torch.Tensor | None,
         position_ids: torch.LongTensor | None,
         cache: Cache | None,
-        layer_index: int | None = None,
-    ) -> dict[str, Any]:
+        cache_index: int | None = None,
+    ) -> Any:
         # OPT builds its mask without positions: its padding-shifted positions would look like packed sequences.
-        return super().attention_masks(hidden, attention_mask, None, cache, layer_index)
+        return super().attention_mask(layer_type, hidden, attention_mask, None, cache, cache_index)
 
-    def layer(self, index: int, hidden: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
-        return self.layers[index](
+    def run_block(self, block: nn.Module, layer_type: str, hidden: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
+        return block(
             hidden,
-            attention_mask=inputs.attention_masks[self.layer_type(index)],
+            attention_mask=inputs.attention_masks[layer_type],
             position_ids=inputs.position_ids,
             past_key_values=inputs.cache,
             use_cache=inputs.cache is not None,

@@ -139,47 +139,71 @@ class DecoderAdapter(ABC):
     ) -> dict[str, Any]:
         """One mask per layer type in use, built with the same `transformers` helpers the base model uses (sized
         against cache layer `layer_index`, see `prepare`)."""
-        builders = {FULL_ATTENTION: create_causal_mask, SLIDING_ATTENTION: create_sliding_window_causal_mask}
         # Each mask type is sized against the first layer of that type the positions will enter.
         first_of_type: dict[str, int] = {}
         for index in range(layer_index or 0, self.num_layers):
             first_of_type.setdefault(self.layer_type(index), index)
         return {
-            layer_type: builders[layer_type](
-                config=self.config,
-                inputs_embeds=hidden,
-                attention_mask=attention_mask,
-                past_key_values=cache,
-                position_ids=position_ids,
-                layer_idx=index if layer_index is not None else None,
+            layer_type: self.attention_mask(
+                layer_type, hidden, attention_mask, position_ids, cache, index if layer_index is not None else None
             )
             for layer_type, index in first_of_type.items()
         }
+
+    def attention_mask(
+        self,
+        layer_type: str,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        cache: Cache | None,
+        cache_index: int | None = None,
+    ) -> Any:
+        """The mask of one attention pattern for the positions of `hidden`, sized against cache layer `cache_index`
+        (by default, the first layer of the cache)."""
+        builder = create_causal_mask if layer_type == FULL_ATTENTION else create_sliding_window_causal_mask
+        return builder(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            position_ids=position_ids,
+            layer_idx=cache_index,
+        )
 
     def position_embeddings(self, hidden: torch.Tensor, position_ids: torch.LongTensor) -> dict[str, Any] | None:
         """Rotary (cos, sin) per layer type; `None` for models with absolute position embeddings."""
         return None
 
     @abstractmethod
+    def run_block(self, block: nn.Module, layer_type: str, hidden: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
+        """Run one decoder block of this architecture (a base layer, or an exit head's copy of one) whose attention
+        follows `layer_type`'s pattern, appending its keys and values to `inputs.cache` if there is one."""
+
     def layer(self, index: int, hidden: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
         """Run decoder layer `index` (0-based), appending its keys and values to `inputs.cache` if there is one."""
+        return self.run_block(self.layers[index], self.layer_type(index), hidden, inputs)
 
     def propagate_kv(self, index: int, hidden: torch.Tensor, inputs: LayerInputs) -> None:
         """Append to `inputs.cache` the keys and values layer `index` would compute from `hidden`, skipping the rest
-        of the layer (CALM's state propagation for layers an early exit skips).
+        of the layer (CALM's state propagation for layers an early exit skips)."""
+        self.propagate_block_kv(self.layers[index], self.layer_type(index), hidden, inputs)
 
-        The layer runs until its attention hands the new keys and values to the cache, then stops: the norm and
+    def propagate_block_kv(self, block: nn.Module, layer_type: str, hidden: torch.Tensor, inputs: LayerInputs) -> None:
+        """Append to `inputs.cache` the keys and values `block` would compute from `hidden`, and nothing else.
+
+        The block runs until its attention hands the new keys and values to the cache, then stops: the norm and
         key/value projections (with rotary or other position handling) are the model's own code, and the attention
         itself and the MLP are never computed.
         """
         writer = _KeyValueWriter(inputs.cache)
         try:
-            self.layer(index, hidden, replace(inputs, cache=writer))
+            self.run_block(block, layer_type, hidden, replace(inputs, cache=writer))
         except _KeysAndValuesWritten:
             return
         raise RuntimeError(
-            f"Layer {index} of {type(self.model).__name__} never wrote to its cache; state propagation needs a layer "
-            "that calls cache.update(key, value, layer_idx). Use kv_strategy='deferred' instead."
+            f"A decoder block of {type(self.model).__name__} never wrote to its cache; state propagation needs a "
+            "block that calls cache.update(key, value, layer_idx). Use kv_strategy='deferred' instead."
         )
 
     @abstractmethod

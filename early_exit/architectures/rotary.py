@@ -38,9 +38,8 @@ class RotaryDecoderAdapter(DecoderAdapter):
         shared = self.inner.rotary_emb(hidden, position_ids)
         return {self.layer_type(i): shared for i in range(self.num_layers)}
 
-    def layer(self, index: int, hidden: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
-        layer_type = self.layer_type(index)
-        return self.layers[index](
+    def run_block(self, block: nn.Module, layer_type: str, hidden: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
+        return block(
             hidden,
             attention_mask=inputs.attention_masks[layer_type],
             position_ids=inputs.position_ids,

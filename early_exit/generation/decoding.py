@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,7 +28,7 @@ from torch import nn
 from transformers import GenerationConfig
 from transformers.cache_utils import Cache, DynamicCache
 
-from ..heads import exit_logits
+from ..heads import SlotCache, exit_logits, head_cache_slots, head_inputs, open_head_slots
 from ..pruning import VocabPruner, exits_to_score, scatter_to_vocabulary
 from .policy import ExitPolicy
 
@@ -119,6 +119,9 @@ class LayerwiseDecoder:
         self.pruner = VocabPruner(policy.vocab_pruning, policy.exit_layers)
         scored = exits_to_score(policy.active_exits, self.pruner.prune_index)
         self.exit_index = {policy.exit_layers[index]: index for index in scored}
+        # Heads that attend keep their own keys and values, but only the scored ones need them this run.
+        self.all_head_slots = head_cache_slots(heads, decoder.num_layers)
+        self.head_slots = {layer: slot for layer, slot in self.all_head_slots.items() if layer in self.exit_index}
         self.pending = _PendingPositions()
         self.stats = DecodingStatistics()
         # The mask, positions and cache of the last step, which the final deferred fill runs with.
@@ -138,8 +141,9 @@ class LayerwiseDecoder:
     ) -> torch.Tensor:
         """Run the prompt through every layer (its cache must be exact); returns the final logits at its last
         position, (batch, vocab)."""
+        open_head_slots(cache, self.all_head_slots, self.decoder.config, in_use=self.head_slots)
         past = cache.get_seq_length()
-        hidden = self.decoder.embed(input_ids, position_ids[:, past:])
+        hidden = self.decoder.embed(input_ids[:, past:], position_ids[:, past:])
         hidden, _, _ = self._run_layers(hidden, past, attention_mask, position_ids, cache)
         return self.decoder.final_logits(hidden[:, -1:])[:, 0]
 
@@ -170,6 +174,9 @@ class LayerwiseDecoder:
             newest = self.pending.take(layers)[1]
             for index in range(layers, self.num_layers):
                 self.decoder.propagate_kv(index, newest, inputs)
+            for layer, slot in self.head_slots.items():
+                if layer > layers:
+                    self.heads[layer].propagate(newest, self.decoder, replace(inputs, cache=SlotCache(cache, slot)))
             self.stats.fill_seconds += time.perf_counter() - started
         if layers == self.num_layers:
             final = self.decoder.final_logits(chunk[:, -1:])[:, 0]
@@ -218,11 +225,12 @@ class LayerwiseDecoder:
         exactly what a full forward pass would."""
         if not self.pending:
             return
-        started, layer_seconds = time.perf_counter(), self.stats.layer_seconds
+        started, layer_seconds, head_seconds = time.perf_counter(), self.stats.layer_seconds, self.stats.head_seconds
         attention_mask, position_ids, cache = self._last_inputs
         self._run_layers(None, position_ids.shape[1], attention_mask, position_ids, cache)
         self.stats.fill_seconds += time.perf_counter() - started
-        self.stats.layer_seconds = layer_seconds  # the final fill counts as fill time only
+        # The final fill counts as fill time only.
+        self.stats.layer_seconds, self.stats.head_seconds = layer_seconds, head_seconds
 
     # --- internals -------------------------------------------------------------------------------------------
     def _search(self, input_ids, attention_mask, position_ids, cache, unfinished):
@@ -241,7 +249,7 @@ class LayerwiseDecoder:
             attention_mask,
             position_ids,
             cache,
-            stop=lambda layer, chunk: self._exit(layer, chunk, search),
+            stop=lambda layer, chunk, attended: self._exit(layer, chunk, attended, search),
         )
         self.stats.exit_layers.append(search.exit_layers)
         self.stats.layers_run.append(layers)
@@ -251,8 +259,8 @@ class LayerwiseDecoder:
     def _run_layers(self, hidden, start, attention_mask, position_ids, cache, stop=None):
         """Run the positions from `start` on (entering layer 0 as `hidden`, or none) through the layers, picking up
         pending positions at the layers they stopped before. Returns the chunk's hidden state, the number of layers
-        run, and the layer inputs last used. Stops after a layer where `stop(layer, chunk)` is true, leaving the
-        chunk pending there."""
+        run, and the layer inputs last used. Stops after a layer where `stop(layer, chunk, head state)` is true
+        (the state of the head there if it attends, else `None`), leaving the chunk pending there."""
         end = position_ids.shape[1]
         if hidden is not None:
             self.pending.add(0, start, hidden)
@@ -272,19 +280,36 @@ class LayerwiseDecoder:
             started = time.perf_counter()
             chunk = self.decoder.layer(index, chunk, inputs)
             self.stats.layer_seconds += time.perf_counter() - started
-            if stop is not None and index + 1 < self.num_layers and stop(index + 1, chunk):
+            attended = self._attend(index + 1, chunk, inputs, attention_mask)
+            if stop is not None and index + 1 < self.num_layers and stop(index + 1, chunk, attended):
                 self.pending.add(index + 1, chunk_start, chunk)
                 return chunk, index + 1, inputs
         return chunk, self.num_layers, inputs
 
-    def _exit(self, layer: int, chunk: torch.Tensor, search: _ExitSearch) -> bool:
-        """Score the exit after `layer` for the newest position; returns whether every row has now decided."""
+    def _attend(self, layer, chunk, inputs, attention_mask) -> torch.Tensor | None:
+        """Run the head after `layer`, if it attends, over every position of the chunk (its cache must hold them all);
+        returns its state, or `None` for other heads."""
+        slot = self.head_slots.get(layer)
+        if slot is None:
+            return None
+        started = time.perf_counter()
+        head = self.heads[layer]
+        state = head.attend(chunk, self.decoder, head_inputs(self.decoder, head, chunk, inputs, attention_mask, slot))
+        self.stats.head_seconds += time.perf_counter() - started
+        return state
+
+    def _exit(self, layer: int, chunk: torch.Tensor, attended: torch.Tensor | None, search: _ExitSearch) -> bool:
+        """Score the exit after `layer` for the newest position (from the head's state when it attends); returns
+        whether every row has now decided."""
         index = self.exit_index.get(layer)
         if index is None:
             return False
         started = time.perf_counter()
         hidden = chunk[:, -1:]
-        logits = exit_logits(self.heads[layer], hidden, self.decoder, search.token_ids)
+        if attended is None:
+            logits = exit_logits(self.heads[layer], hidden, self.decoder, search.token_ids)
+        else:
+            logits = self.heads[layer].readout(attended[:, -1:], self.decoder, search.token_ids)
         scores = self.policy.metric(logits, hidden, search.previous_hidden)[:, 0]
         confident = (scores >= self.policy.thresholds[index]) & ~search.decided
         if confident.any():

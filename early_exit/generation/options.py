@@ -120,7 +120,8 @@ class ExitDecodingConfig:
 
     @classmethod
     def pop_from(cls, kwargs: dict[str, Any], base: ExitDecodingConfig | None = None) -> ExitDecodingConfig:
-        """Take this class's fields out of `kwargs` (e.g. `generate`'s keyword arguments), over `base` if given.
+        """Take this class's fields out of `kwargs` (e.g. `generate`'s keyword arguments), over `base` if given; an
+        `accuracy_level` or `exit_thresholds` in `kwargs` replaces whichever of the two `base` has.
 
         Raises:
             InvalidOptionError: `base` is not an `ExitDecodingConfig`, or a value is invalid.
@@ -128,7 +129,11 @@ class ExitDecodingConfig:
         if base is not None and not isinstance(base, cls):
             raise InvalidOptionError(f"exit_config must be an ExitDecodingConfig, got {type(base).__name__}.")
         given = {field.name: kwargs.pop(field.name) for field in fields(cls) if field.name in kwargs}
-        return cls(**given) if base is None else replace(base, **given)
+        if base is None:
+            return cls(**given)
+        if given.keys() & {"accuracy_level", "exit_thresholds"}:  # a level or thresholds given replace base's choice
+            given = {"accuracy_level": None, "exit_thresholds": None, **given}
+        return replace(base, **given)
 
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)  # normalising a field of a frozen dataclass, during __post_init__
@@ -149,12 +154,18 @@ def _integer(name: str, value: Any, minimum: int) -> int:
 
 
 def _thresholds(values: Any) -> tuple[float, ...]:
-    if isinstance(values, str | bytes) or not isinstance(values, Sequence | torch.Tensor):
+    one_dimensional = values.dim() == 1 if isinstance(values, torch.Tensor) else isinstance(values, Sequence)
+    if isinstance(values, str | bytes) or not one_dimensional:
         raise InvalidOptionError(
             f"exit_thresholds must be a list of numbers, one per exit (None: never exit there), got {values!r}."
         )
+    values = values.tolist() if isinstance(values, torch.Tensor) else list(values)
+    if not values:
+        raise InvalidOptionError(
+            "exit_thresholds is empty: give one threshold per exit (None: never exit there), or leave it out."
+        )
     checked = []
-    for index, value in enumerate(values.tolist() if isinstance(values, torch.Tensor) else list(values)):
+    for index, value in enumerate(values):
         value = math.inf if value is None else _real(f"exit_thresholds[{index}]", value)
         if math.isnan(value):
             raise InvalidOptionError(f"exit_thresholds[{index}] is NaN; use None to disable an exit.")

@@ -1,7 +1,10 @@
 """Exit head types and their registry."""
 
+from .cache import SlotCache, head_cache_slots, head_inputs, open_head_slots
 from .layer import (
     HEAD_TYPES,
+    AttentionHead,
+    ContextHead,
     ExitHead,
     LinearHead,
     LogitLensHead,
@@ -13,6 +16,12 @@ from .layer import (
 
 __all__ = [
     "HEAD_TYPES",
+    "AttentionHead",
+    "ContextHead",
+    "SlotCache",
+    "head_cache_slots",
+    "head_inputs",
+    "open_head_slots",
     "ExitHead",
     "LinearHead",
     "LogitLensHead",

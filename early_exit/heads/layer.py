@@ -7,6 +7,7 @@ registered as the head's submodules nor saved with it.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -17,19 +18,19 @@ from ..kernels import project_rows
 from ..registry import Registry
 
 if TYPE_CHECKING:
-    from ..architectures import DecoderAdapter
+    from ..architectures import DecoderAdapter, LayerInputs
     from ..configuration_early_exit import EarlyExitConfig
 
 
 class ExitHead(nn.Module):
     """Base class of exit heads.
 
-    Subclasses implement `build` (construct a head for a given base model and config) and `forward`.
+    Subclasses implement `build` (construct a head for a given base model, config and exit layer) and `forward`.
     """
 
     @classmethod
-    def build(cls, decoder: DecoderAdapter, config: EarlyExitConfig) -> ExitHead:
-        """A new head for the base model behind `decoder`, configured by `config`."""
+    def build(cls, decoder: DecoderAdapter, config: EarlyExitConfig, layer: int) -> ExitHead:
+        """A new head for the exit after `layer` of the base model behind `decoder`, configured by `config`."""
         raise NotImplementedError
 
     def forward(
@@ -56,21 +57,31 @@ def register_head_type(name: str) -> Callable[[HeadClass], HeadClass]:
     return HEAD_TYPES.register(name)
 
 
-def build_head(decoder: DecoderAdapter, config: EarlyExitConfig) -> ExitHead:
-    """A head of type `config.head_type`, on the base model's device and in its dtype.
+def build_head(decoder: DecoderAdapter, config: EarlyExitConfig, layer: int) -> ExitHead:
+    """A head of type `config.head_type` for the exit after `layer`, on the base model's device and in its dtype.
 
     Raises:
         UnknownNameError: the head type is not registered (the message lists the known ones).
     """
     weight = decoder.lm_head.weight
-    return HEAD_TYPES[config.head_type].build(decoder, config).to(device=weight.device, dtype=weight.dtype)
+    return HEAD_TYPES[config.head_type].build(decoder, config, layer).to(device=weight.device, dtype=weight.dtype)
 
 
 def exit_logits(
-    head: nn.Module, hidden: torch.Tensor, decoder: DecoderAdapter, token_ids: torch.Tensor | None = None
+    head: nn.Module,
+    hidden: torch.Tensor,
+    decoder: DecoderAdapter,
+    token_ids: torch.Tensor | None = None,
+    inputs: LayerInputs | None = None,
 ) -> torch.Tensor:
     """`head`'s logits from the hidden state after its layer (batch, seq, hidden); with `token_ids` (batch, seq, k),
-    only those tokens' logits (vocabulary pruning)."""
+    only those tokens' logits (vocabulary pruning).
+
+    `inputs` (masks, positions and cache of the positions in `hidden`) matter only to a `ContextHead`, which attends
+    over them; without them it reads `hidden` as whole sequences starting at position 0.
+    """
+    if isinstance(head, ContextHead):
+        return head(hidden, decoder, token_ids, inputs)
     # Heads written without vocabulary pruning in mind take two arguments; they still work unpruned.
     return head(hidden, decoder) if token_ids is None else head(hidden, decoder, token_ids)
 
@@ -80,7 +91,7 @@ class LogitLensHead(ExitHead):
     """No parameters: the base's own final norm and LM head applied to the intermediate state (LITE-style models)."""
 
     @classmethod
-    def build(cls, decoder: DecoderAdapter, config: EarlyExitConfig) -> LogitLensHead:
+    def build(cls, decoder: DecoderAdapter, config: EarlyExitConfig, layer: int) -> LogitLensHead:
         return cls()
 
     def forward(
@@ -105,7 +116,7 @@ class ResidualAdapterHead(LogitLensHead):
         nn.init.zeros_(self.up.weight)
 
     @classmethod
-    def build(cls, decoder: DecoderAdapter, config: EarlyExitConfig) -> ResidualAdapterHead:
+    def build(cls, decoder: DecoderAdapter, config: EarlyExitConfig, layer: int) -> ResidualAdapterHead:
         return cls(decoder.hidden_size, config.adapter_size or decoder.hidden_size)
 
     def adapt(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -132,7 +143,7 @@ class LinearHead(ExitHead):
         self.proj = nn.Linear(hidden_size, vocab_size, bias=False)
 
     @classmethod
-    def build(cls, decoder: DecoderAdapter, config: EarlyExitConfig) -> LinearHead:
+    def build(cls, decoder: DecoderAdapter, config: EarlyExitConfig, layer: int) -> LinearHead:
         head = cls(decoder.hidden_size, decoder.vocab_size)
         unembedding = decoder.lm_head.weight
         if unembedding.shape == head.proj.weight.shape:
@@ -145,3 +156,76 @@ class LinearHead(ExitHead):
     ) -> torch.Tensor:
         normed = self.norm(hidden)
         return self.proj(normed) if token_ids is None else project_rows(normed, self.proj.weight, None, token_ids)
+
+
+class ContextHead(ExitHead):
+    """An exit head that reads earlier positions too, and so keeps keys and values of its own in the KV cache.
+
+    Decoding runs `attend` over every position that passes the head's exit layer (whether or not the exit is scored
+    for it), so the head's cache always holds what a full pass over the same tokens would give it, and `readout` on
+    the position being scored.
+
+    Attributes:
+        layer_type: the attention pattern of the head's own attention ("full_attention" or "sliding_attention").
+    """
+
+    layer_type: str
+
+    def attend(self, hidden: torch.Tensor, decoder: DecoderAdapter, inputs: LayerInputs) -> torch.Tensor:
+        """The head's state at the positions of `hidden` (after its exit layer), given `inputs` for them (masks,
+        positions, and the cache the head's keys and values go to, or `None`)."""
+        raise NotImplementedError
+
+    def propagate(self, hidden: torch.Tensor, decoder: DecoderAdapter, inputs: LayerInputs) -> None:
+        """Write to `inputs.cache` the keys and values the head would compute from `hidden`, and nothing else (state
+        propagation for positions that left before the head's exit layer)."""
+        raise NotImplementedError
+
+    def readout(
+        self, state: torch.Tensor, decoder: DecoderAdapter, token_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits from the head's state (over `token_ids` only, when given)."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        decoder: DecoderAdapter,
+        token_ids: torch.Tensor | None = None,
+        inputs: LayerInputs | None = None,
+    ) -> torch.Tensor:
+        if inputs is None:  # whole sequences from position 0, as training and calibration hand them over
+            positions = decoder.default_position_ids(None, 0, hidden.shape[1], hidden.device)
+            inputs = decoder.prepare(hidden, None, positions, None)
+        return self.readout(self.attend(hidden, decoder, inputs), decoder, token_ids)
+
+
+@register_head_type("attention")
+class AttentionHead(ContextHead):
+    """A decoder block of the head's own after the exit layer (self-attention over the context, then an MLP), then the
+    base's final norm and LM head: the shape of Kangaroo's and EAGLE's drafters.
+
+    The block starts as a copy of the base layer right after the exit, so an untrained head is exactly the logit
+    lens one layer deeper, and training moves it from there. The copy belongs to the head: the base is untouched.
+    """
+
+    def __init__(self, block: nn.Module, layer_type: str) -> None:
+        super().__init__()
+        self.block = block
+        self.layer_type = layer_type
+
+    @classmethod
+    def build(cls, decoder: DecoderAdapter, config: EarlyExitConfig, layer: int) -> AttentionHead:
+        block = copy.deepcopy(decoder.layers[layer]).requires_grad_(True)
+        return cls(block, decoder.layer_type(layer))
+
+    def attend(self, hidden: torch.Tensor, decoder: DecoderAdapter, inputs: LayerInputs) -> torch.Tensor:
+        return decoder.run_block(self.block, self.layer_type, hidden, inputs)
+
+    def propagate(self, hidden: torch.Tensor, decoder: DecoderAdapter, inputs: LayerInputs) -> None:
+        decoder.propagate_block_kv(self.block, self.layer_type, hidden, inputs)
+
+    def readout(
+        self, state: torch.Tensor, decoder: DecoderAdapter, token_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return decoder.final_logits(state, token_ids)

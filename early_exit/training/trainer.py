@@ -8,7 +8,7 @@ its own. Users keep everything `Trainer` gives: `TrainingArguments`, accelerate,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -50,6 +50,13 @@ class EarlyExitTrainingArguments(TrainingArguments):
     # Batches carry keys that the model's forward does not name (cached hidden states): keep them.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep all dataset columns."})
 
+    @classmethod
+    def from_training_arguments(cls, args: TrainingArguments) -> EarlyExitTrainingArguments:
+        """`args` as given, with the distillation settings at their defaults."""
+        return cls(
+            **{setting.name: getattr(args, setting.name) for setting in fields(TrainingArguments) if setting.init}
+        )
+
     def loss_weights(self, exit_layers: list[int]) -> list[float]:
         """The per-exit weights `exit_weighting` names, normalised (see `exit_weights`)."""
         scheme = self.exit_weighting
@@ -63,7 +70,8 @@ class EarlyExitTrainer(Trainer):
 
     Args:
         model: the model with heads. A plain base stays frozen; a `PeftModel` base is tuned jointly (LITE-style).
-        args: `EarlyExitTrainingArguments` (default: output to `early_exit_heads/`).
+        args: `EarlyExitTrainingArguments`, or plain `TrainingArguments` (the distillation settings then take their
+            defaults); by default, output to `early_exit_heads/`.
         data_collator: defaults to `DistillationCollator`.
         train_dataset, eval_dataset: items with `input_ids` and `attention_mask` (e.g.
             `early_exit.data.corpus.TokenBlocks`). With `args.cache_hidden_states` they are run through the base
@@ -81,7 +89,7 @@ class EarlyExitTrainer(Trainer):
     def __init__(
         self,
         model: EarlyExitForCausalLM,
-        args: EarlyExitTrainingArguments | None = None,
+        args: TrainingArguments | None = None,
         data_collator: Any = None,
         train_dataset: Dataset | None = None,
         eval_dataset: Dataset | dict[str, Dataset] | None = None,
@@ -93,8 +101,13 @@ class EarlyExitTrainer(Trainer):
                 "with early_exit.add_exit_heads(model)."
             )
         args = args if args is not None else EarlyExitTrainingArguments(output_dir="early_exit_heads")
+        if not isinstance(args, TrainingArguments):
+            raise TypeError(
+                f"args must be TrainingArguments or EarlyExitTrainingArguments (which adds the distillation "
+                f"settings), got {type(args).__name__}."
+            )
         if not isinstance(args, EarlyExitTrainingArguments):
-            raise TypeError("Pass EarlyExitTrainingArguments (TrainingArguments plus the distillation settings).")
+            args = EarlyExitTrainingArguments.from_training_arguments(args)
         self.joint_tuning = unwrap_model(model.base) is not model.base
         data_collator = data_collator or DistillationCollator()
         if args.cache_hidden_states:

@@ -1,0 +1,99 @@
+"""Where heads that attend keep their keys and values: extra layers ("slots") appended to the model's own KV cache.
+
+Keeping them in the same `Cache` object means everything done to the cache is done to them too: DSSD's rollback
+(`crop`), batch reordering, sliding-window bookkeeping, and handing the cache back to the caller, who can continue
+generating from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from ..errors import InvalidOptionError
+from .layer import ContextHead
+
+if TYPE_CHECKING:
+    from ..architectures import DecoderAdapter, LayerInputs
+
+
+def head_cache_slots(heads: Mapping[int, nn.Module], num_layers: int) -> dict[int, int]:
+    """The cache layer index of each `ContextHead`, by exit layer: after the base's own layers, in exit order.
+
+    The slots depend only on the model's heads (not on which exits a run scores), so a cache handed back by one
+    call lines up with the next.
+    """
+    attending = sorted(layer for layer, head in heads.items() if isinstance(head, ContextHead))
+    return {layer: num_layers + offset for offset, layer in enumerate(attending)}
+
+
+def open_head_slots(
+    cache: Cache, slots: Mapping[int, int], config: PretrainedConfig, in_use: Collection[int] | None = None
+) -> None:
+    """Make sure `cache` has the head slots `slots` names (all of the model's, see `head_cache_slots`), and that
+    the slot of each exit layer in `in_use` (default: all) holds as many positions as that layer.
+
+    A cache built for the base's config gets each slot in use as a layer of the kind it uses for the layer the head
+    was copied from (sliding-window or full), and the others as plain layers (safe to crop while empty); a cache
+    that grows its layers on first use grows the slots the same way.
+
+    Raises:
+        InvalidOptionError: the cache already holds positions its heads never saw (it was filled by another model or
+            with other exits scored), so the heads' attention would miss them.
+    """
+    in_use = slots.keys() if in_use is None else in_use
+    if getattr(cache, "layer_class_to_replicate", None) is None:
+        fresh = DynamicCache(config=config).layers
+        for layer, slot in sorted(slots.items(), key=lambda item: item[1]):
+            if len(cache.layers) == slot:
+                cache.layers.append(fresh[layer] if layer in in_use else DynamicLayer())
+    for layer in in_use:
+        held, expected = _seq_length(cache, slots[layer]), _seq_length(cache, layer - 1)
+        if held != expected:
+            raise InvalidOptionError(
+                f"The KV cache holds {expected} positions after layer {layer} but the exit head there has seen "
+                f"{held}: the cache was not filled by these heads with this exit scored. Start from an empty cache "
+                "(pass no past_key_values)."
+            )
+
+
+def _seq_length(cache: Cache, index: int) -> int:
+    return cache.layers[index].get_seq_length() if index < len(cache.layers) else 0
+
+
+class SlotCache:
+    """Stands in for the model's cache while a head's block runs: the block's keys and values go to the head's slot
+    whatever layer index the block was copied with; everything else is the model's cache."""
+
+    def __init__(self, cache: Cache, slot: int) -> None:
+        self._cache = cache
+        self._slot = slot
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._cache.update(key_states, value_states, self._slot, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cache, name)
+
+
+def head_inputs(
+    decoder: DecoderAdapter,
+    head: ContextHead,
+    hidden: torch.Tensor,
+    inputs: LayerInputs,
+    attention_mask: torch.Tensor | None,
+    slot: int,
+) -> LayerInputs:
+    """What `head.attend` needs for the positions of `hidden`, given the base layers' `inputs` for them: a mask sized
+    against the head's own slot (deeper base layers may hold fewer positions while a deferred fill is pending) and
+    the cache routed to that slot."""
+    mask = decoder.attention_mask(head.layer_type, hidden, attention_mask, inputs.position_ids, inputs.cache, slot)
+    return replace(inputs, attention_masks={head.layer_type: mask}, cache=SlotCache(inputs.cache, slot))

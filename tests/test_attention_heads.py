@@ -1,0 +1,191 @@
+"""Exit heads that attend: an untrained one is the logit lens one layer deeper, and its own keys and values in the KV
+cache stay exactly what a full pass over the same tokens gives it on every decoding path (deferred fill, state
+propagation, DSSD's rollback, padded batches, a cache handed back and continued)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_generation import ARCHITECTURES, _greedy, _prompts
+from test_speculative import SLIDING, _speculative
+from tiny_models import tiny_model
+from transformers.cache_utils import DynamicCache
+
+import early_exit
+from early_exit.errors import InvalidOptionError
+from early_exit.heads import AttentionHead, head_cache_slots
+
+EXITS = [1, 2, 3]
+_MODELS: dict[str, early_exit.EarlyExitForCausalLM] = {}
+
+
+def _model(model_type: str) -> early_exit.EarlyExitForCausalLM:
+    """A tiny model with attention heads whose blocks have moved away from the base layers they were copied from
+    (so a head that read the base's cache by mistake would be caught); shared, never modified by the tests."""
+    if model_type not in _MODELS:
+        model = early_exit.add_exit_heads(tiny_model(model_type, initializer_range=0.3), EXITS, head_type="attention")
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for parameter in model.exit_heads.parameters():
+                parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
+        _MODELS[model_type] = model
+    return _MODELS[model_type]
+
+
+def _full_pass_cache(model, sequences, mask):
+    """The cache one full forward pass of the model with its heads leaves over `sequences` (base layers, then the
+    heads' slots), with generate's padding and positions."""
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    cache = DynamicCache(config=model.decoder.config)
+    model(sequences, attention_mask=mask, position_ids=positions, past_key_values=cache)
+    return cache
+
+
+def _assert_same_cache(ours, expected, mask, layers):
+    real = mask.bool()
+    for layer in layers:
+        mine, theirs = ours.layers[layer], expected.layers[layer]
+        assert mine.get_seq_length() == theirs.get_seq_length(), f"cache layer {layer}"
+        real_positions = real[:, -theirs.keys.shape[2] :]  # sliding-window layers keep only the last positions
+        for name in ("keys", "values"):
+            torch.testing.assert_close(
+                getattr(mine, name)[:, :, -theirs.keys.shape[2] :].transpose(1, 2)[real_positions],
+                getattr(theirs, name).transpose(1, 2)[real_positions],
+                atol=1e-4,
+                rtol=1e-4,
+                msg=f"{name} of cache layer {layer}",
+            )
+
+
+def _head_slots(model) -> list[int]:
+    return sorted(head_cache_slots(model.heads_by_layer(), model.num_layers).values())
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_an_untrained_attention_head_is_the_logit_lens_one_layer_deeper(model_type):
+    model = early_exit.add_exit_heads(tiny_model(model_type), EXITS, head_type="attention")
+    assert all(isinstance(head, AttentionHead) for head in model.exit_heads.values())
+    ids, mask = _prompts(3, 2, 6, padded=True)
+    with torch.no_grad():
+        output = model(ids, attention_mask=mask)
+        lens = {layer: model.final_logits(hidden) for layer, hidden in model.iter_layers(ids, mask)}
+    for layer, logits in zip(EXITS, output.exit_logits):
+        torch.testing.assert_close(logits, lens[layer + 1])
+    block = model.exit_heads["1"].block
+    assert all(parameter.requires_grad for parameter in block.parameters())
+    assert block is not model.decoder.layers[1], "the head owns a copy; the base layer stays the base's"
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+@settings(settings.get_profile("generation"))
+@given(
+    seed=st.integers(0, 10_000),
+    batch=st.integers(1, 2),
+    thresholds=st.lists(st.sampled_from([0.0, 0.2, 0.4, 0.6, math.inf]), min_size=3, max_size=3),
+)
+def test_deferred_fill_leaves_the_heads_caches_of_one_full_pass(model_type, seed, batch, thresholds):
+    model = _model(model_type)
+    ids, mask = _prompts(seed, batch, 5, padded=True)
+    output = _greedy(model, ids, mask, max_new_tokens=10, exit_thresholds=thresholds, vocab_pruning=False)
+    sequences = output.sequences[:, :-1]
+    full_mask = torch.cat([mask, torch.ones(batch, sequences.shape[1] - mask.shape[1], dtype=mask.dtype)], dim=1)
+    expected = _full_pass_cache(model, sequences, full_mask)
+    scored = [slot for layer, slot in zip(EXITS, _head_slots(model)) if thresholds[EXITS.index(layer)] != math.inf]
+    _assert_same_cache(output.past_key_values, expected, full_mask, list(range(model.num_layers)) + scored)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "gpt2", "opt"])
+def test_a_token_leaving_at_an_attention_exit_is_that_heads_prediction_on_the_exact_prefix(model_type):
+    """The head's state at decode time equals the one it computes over the whole sequence at once."""
+    model = _model(model_type)
+    ids, mask = _prompts(5, 1, 6, padded=False)
+    output = _greedy(model, ids, mask, max_new_tokens=12, exit_thresholds=[0.3, 0.25, 0.2])
+    assert (output.exit_layers < model.num_layers).any(), "the test needs some early exits"
+    with torch.no_grad():
+        forward = model(output.sequences)
+    by_layer = dict(zip(model.exit_layers, forward.exit_logits)) | {model.num_layers: forward.logits}
+    start = ids.shape[1]
+    for step, layer in enumerate(output.exit_layers[0].tolist()):
+        predicted = by_layer[layer][0, start + step - 1].argmax()
+        assert output.sequences[0, start + step] == predicted, f"token {step} (exit after layer {layer})"
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_state_propagation_gives_every_scored_head_every_position(model_type):
+    model = _model(model_type)
+    ids, mask = _prompts(7, 2, 5, padded=True)
+    output = _greedy(model, ids, mask, max_new_tokens=9, exit_thresholds=[0.3, 0.3, 0.3], kv_strategy="propagate")
+    assert (output.exit_layers[:, 1:] < model.num_layers).any()
+    cache = output.past_key_values
+    for slot in _head_slots(model):
+        assert cache.layers[slot].get_seq_length() == output.sequences.shape[1] - 1
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+@settings(settings.get_profile("generation"))
+@given(
+    seed=st.integers(0, 10_000),
+    exit_thresholds=st.lists(st.one_of(st.none(), st.floats(0.0, 1.0)), min_size=3, max_size=3),
+    max_draft_tokens=st.integers(1, 4),
+    batch=st.integers(1, 2),
+)
+def test_dssd_with_attention_heads_is_greedy_generate_and_rolls_the_heads_caches_back(
+    model_type, seed, exit_thresholds, max_draft_tokens, batch
+):
+    model = _model(model_type)
+    batch = 1 if model_type in SLIDING else batch
+    ids, mask = _prompts(seed, batch, 5, padded=batch > 1)
+    expected = model.base.generate(ids, attention_mask=mask, pad_token_id=0, max_new_tokens=12, do_sample=False)
+    output = _speculative(
+        model, ids, mask, max_new_tokens=12, exit_thresholds=exit_thresholds, max_draft_tokens=max_draft_tokens
+    )
+    assert torch.equal(output.sequences, expected)
+    if batch == 1:  # in a batch, slots one row rejected stay in the cache (masked), unlike a full pass
+        sequences = output.sequences[:, :-1]
+        full = _full_pass_cache(model, sequences, torch.ones_like(sequences))
+        scored = [slot for slot, value in zip(_head_slots(model), exit_thresholds) if value is not None]
+        _assert_same_cache(output.past_key_values, full, torch.ones_like(sequences), scored)
+
+
+def test_generation_continues_from_a_cache_it_handed_back():
+    model = _model("llama")
+    ids, mask = _prompts(2, 1, 5, padded=False)
+    thresholds = [0.3, 0.25, 0.2]
+    first = _greedy(model, ids, mask, max_new_tokens=6, exit_thresholds=thresholds)
+    second = _greedy(
+        model,
+        first.sequences,
+        torch.ones_like(first.sequences),
+        max_new_tokens=6,
+        exit_thresholds=thresholds,
+        past_key_values=first.past_key_values,
+    )
+    # The cache handed back is exact, heads' slots included, so continuing from it is starting afresh.
+    afresh = _greedy(
+        model, first.sequences, torch.ones_like(first.sequences), max_new_tokens=6, exit_thresholds=thresholds
+    )
+    assert (second.exit_layers < model.num_layers).any(), "the test needs some early exits"
+    assert torch.equal(second.sequences, afresh.sequences)
+    assert torch.equal(second.exit_layers, afresh.exit_layers)
+
+
+def test_a_cache_the_heads_never_saw_is_refused():
+    model = _model("llama")
+    ids, mask = _prompts(2, 1, 5, padded=False)
+    cache = model.base(ids, use_cache=True).past_key_values  # the base alone: no head has seen these positions
+    with pytest.raises(InvalidOptionError, match="empty cache"):
+        _greedy(model, ids, mask, max_new_tokens=3, exit_thresholds=[0.3] * 3, past_key_values=cache)
+
+
+def test_attention_heads_round_trip_through_a_save(tmp_path):
+    model = _model("qwen3")
+    model.save_pretrained(tmp_path)
+    again = early_exit.EarlyExitForCausalLM.from_pretrained(tmp_path, base_model=model.base)
+    ids, _ = _prompts(4, 2, 7, padded=False)
+    with torch.no_grad():
+        for ours, theirs in zip(model(ids).exit_logits, again(ids).exit_logits):
+            torch.testing.assert_close(ours, theirs)
