@@ -42,7 +42,7 @@ from .configuration_early_exit import EarlyExitConfig
 from .default_model import load_base_model, load_base_tokenizer
 from .errors import CheckpointError, HeadMismatchError, InvalidOptionError
 from .generation import ExitDecodingConfig, generate_with_exits
-from .heads import build_head, exit_logits, head_cache_slots, head_inputs, open_head_slots
+from .heads import build_head, exit_logits, head_inputs, open_head_slots
 from .hub import upload_heads
 from .kernels import FewPositionLinears
 
@@ -191,15 +191,15 @@ class EarlyExitForCausalLM(PreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.decoder.config)
         hidden, inputs = self.decoder.start(input_ids, attention_mask, position_ids, past_key_values)
-        slots = head_cache_slots(self.heads_by_layer(), self.num_layers)
+        slots = {}
         if past_key_values is not None:
-            open_head_slots(past_key_values, slots, self.decoder.config)
+            slots = open_head_slots(past_key_values, self.heads_by_layer(), self.decoder)
         exit_logits = []
         for index in range(self.num_layers):
             hidden = self.decoder.layer(index, hidden, inputs)
             if str(index + 1) in self.exit_heads:
                 layer_inputs = inputs
-                if past_key_values is not None and index + 1 in slots:
+                if index + 1 in slots:
                     head = self.exit_heads[str(index + 1)]
                     layer_inputs = head_inputs(self.decoder, head, hidden, inputs, attention_mask, slots[index + 1])
                 exit_logits.append(self.exit_logits_at(index + 1, hidden, inputs=layer_inputs))

@@ -66,18 +66,21 @@ def _head_slots(model) -> list[int]:
 
 
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
-def test_an_untrained_attention_head_is_the_logit_lens_one_layer_deeper(model_type):
+def test_an_untrained_attention_head_is_the_last_layer_then_the_final_head(model_type):
     model = early_exit.add_exit_heads(tiny_model(model_type), EXITS, head_type="attention")
     assert all(isinstance(head, AttentionHead) for head in model.exit_heads.values())
     ids, mask = _prompts(3, 2, 6, padded=True)
+    decoder, last = model.decoder, model.num_layers - 1
     with torch.no_grad():
         output = model(ids, attention_mask=mask)
-        lens = {layer: model.final_logits(hidden) for layer, hidden in model.iter_layers(ids, mask)}
-    for layer, logits in zip(EXITS, output.exit_logits):
-        torch.testing.assert_close(logits, lens[layer + 1])
+        states = dict(model.iter_layers(ids, mask))
+        _, inputs = decoder.start(ids, mask)
+        for layer, logits in zip(EXITS, output.exit_logits):
+            expected = decoder.final_logits(decoder.layer(last, states[layer], inputs))
+            torch.testing.assert_close(logits, expected)
     block = model.exit_heads["1"].block
     assert all(parameter.requires_grad for parameter in block.parameters())
-    assert block is not model.decoder.layers[1], "the head owns a copy; the base layer stays the base's"
+    assert block is not decoder.layers[last], "the head owns a copy; the base layer stays the base's"
 
 
 @pytest.mark.parametrize("model_type", ARCHITECTURES)

@@ -120,8 +120,11 @@ class LayerwiseDecoder:
         scored = exits_to_score(policy.active_exits, self.pruner.prune_index)
         self.exit_index = {policy.exit_layers[index]: index for index in scored}
         # Heads that attend keep their own keys and values, but only the scored ones need them this run.
-        self.all_head_slots = head_cache_slots(heads, decoder.num_layers)
-        self.head_slots = {layer: slot for layer, slot in self.all_head_slots.items() if layer in self.exit_index}
+        self.head_slots = {
+            layer: slot
+            for layer, slot in head_cache_slots(heads, decoder.num_layers).items()
+            if layer in self.exit_index
+        }
         self.pending = _PendingPositions()
         self.stats = DecodingStatistics()
         # The mask, positions and cache of the last step, which the final deferred fill runs with.
@@ -141,7 +144,7 @@ class LayerwiseDecoder:
     ) -> torch.Tensor:
         """Run the prompt through every layer (its cache must be exact); returns the final logits at its last
         position, (batch, vocab)."""
-        open_head_slots(cache, self.all_head_slots, self.decoder.config, in_use=self.head_slots)
+        open_head_slots(cache, self.heads, self.decoder, in_use=self.head_slots)
         past = cache.get_seq_length()
         hidden = self.decoder.embed(input_ids[:, past:], position_ids[:, past:])
         hidden, _, _ = self._run_layers(hidden, past, attention_mask, position_ids, cache)

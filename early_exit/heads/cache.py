@@ -7,13 +7,13 @@ generating from it.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Collection, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from ..errors import InvalidOptionError
@@ -34,25 +34,27 @@ def head_cache_slots(heads: Mapping[int, nn.Module], num_layers: int) -> dict[in
 
 
 def open_head_slots(
-    cache: Cache, slots: Mapping[int, int], config: PretrainedConfig, in_use: Collection[int] | None = None
-) -> None:
-    """Make sure `cache` has the head slots `slots` names (all of the model's, see `head_cache_slots`), and that
-    the slot of each exit layer in `in_use` (default: all) holds as many positions as that layer.
+    cache: Cache, heads: Mapping[int, nn.Module], decoder: DecoderAdapter, in_use: Collection[int] | None = None
+) -> dict[int, int]:
+    """Make sure `cache` has a slot for every head of the model that attends (see `head_cache_slots`), and that
+    the slot of each exit layer in `in_use` (default: all) holds as many positions as that layer; returns the slots.
 
-    A cache built for the base's config gets each slot in use as a layer of the kind it uses for the layer the head
-    was copied from (sliding-window or full), and the others as plain layers (safe to crop while empty); a cache
-    that grows its layers on first use grows the slots the same way.
+    A cache built for the base's config gets each slot in use as a layer of the kind it uses for the head's attention
+    pattern (sliding-window or full), and the others as plain layers (safe to crop while empty); a cache that grows
+    its layers on first use grows the slots the same way.
 
     Raises:
         InvalidOptionError: the cache already holds positions its heads never saw (it was filled by another model or
             with other exits scored), so the heads' attention would miss them.
     """
+    slots = head_cache_slots(heads, decoder.num_layers)
     in_use = slots.keys() if in_use is None else in_use
     if getattr(cache, "layer_class_to_replicate", None) is None:
-        fresh = DynamicCache(config=config).layers
+        empty = DynamicCache(config=decoder.config).layers
+        kind = {decoder.layer_type(index): layer for index, layer in reversed(list(enumerate(empty)))}
         for layer, slot in sorted(slots.items(), key=lambda item: item[1]):
-            if len(cache.layers) == slot:
-                cache.layers.append(fresh[layer] if layer in in_use else DynamicLayer())
+            if len(cache.layers) == slot:  # each slot its own layer object
+                cache.layers.append(copy.deepcopy(kind[heads[layer].layer_type]) if layer in in_use else DynamicLayer())
     for layer in in_use:
         held, expected = _seq_length(cache, slots[layer]), _seq_length(cache, layer - 1)
         if held != expected:
@@ -61,6 +63,7 @@ def open_head_slots(
                 f"{held}: the cache was not filled by these heads with this exit scored. Start from an empty cache "
                 "(pass no past_key_values)."
             )
+    return slots
 
 
 def _seq_length(cache: Cache, index: int) -> int:

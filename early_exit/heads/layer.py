@@ -205,8 +205,9 @@ class AttentionHead(ContextHead):
     """A decoder block of the head's own after the exit layer (self-attention over the context, then an MLP), then the
     base's final norm and LM head: the shape of Kangaroo's and EAGLE's drafters.
 
-    The block starts as a copy of the base layer right after the exit, so an untrained head is exactly the logit
-    lens one layer deeper, and training moves it from there. The copy belongs to the head: the base is untouched.
+    The block starts as a copy of the base's last layer, which trains to closer agreement than a copy of the layer
+    right after the exit (on SmolLM2-135M at layer 15 of 30, same data and steps: 41.1% against 39.6% top-1, KL 2.04
+    against 2.60; see docs/training.md). The copy belongs to the head: the base is untouched.
     """
 
     def __init__(self, block: nn.Module, layer_type: str) -> None:
@@ -216,8 +217,8 @@ class AttentionHead(ContextHead):
 
     @classmethod
     def build(cls, decoder: DecoderAdapter, config: EarlyExitConfig, layer: int) -> AttentionHead:
-        block = copy.deepcopy(decoder.layers[layer]).requires_grad_(True)
-        return cls(block, decoder.layer_type(layer))
+        last = decoder.num_layers - 1
+        return cls(copy.deepcopy(decoder.layers[last]).requires_grad_(True), decoder.layer_type(last))
 
     def attend(self, hidden: torch.Tensor, decoder: DecoderAdapter, inputs: LayerInputs) -> torch.Tensor:
         return decoder.run_block(self.block, self.layer_type, hidden, inputs)
