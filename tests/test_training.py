@@ -12,12 +12,15 @@ from tiny_models import VOCAB, tiny_model
 from transformers import AutoModelForCausalLM
 
 import early_exit
+from early_exit.calibration import collect_exit_scores
 from early_exit.data import DistillationCollator
 from early_exit.data.corpus import TokenBlocks
+from early_exit.errors import InvalidOptionError
 from early_exit.training import (
     EarlyExitTrainer,
     EarlyExitTrainingArguments,
     HiddenStateCache,
+    held_out_agreement,
     hidden_cache,
 )
 
@@ -238,3 +241,16 @@ def test_mixed_precision_reaches_heads_trained_from_the_cache(tmp_path):
     batch = trainer.data_collator([trainer.train_dataset[0]])
     exit_logits, _, teacher_logits = trainer._logits(trainer.model, batch)
     assert exit_logits[0].dtype == teacher_logits.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_empty_training_or_evaluation_sets_are_refused_by_name(tmp_path, cache):
+    model = early_exit.add_exit_heads(tiny_model("llama"), [2])
+    with pytest.raises(InvalidOptionError, match="training set is empty"):
+        EarlyExitTrainer(model, _args(tmp_path, cache_hidden_states=cache), train_dataset=TokenBlocks([]))
+    with pytest.raises(InvalidOptionError, match=r"evaluation \(code\) set is empty"):
+        EarlyExitTrainer(model, _args(tmp_path), train_dataset=_blocks(0, 2), eval_dataset={"code": TokenBlocks([])})
+    with pytest.raises(InvalidOptionError, match="held-out set is empty"):
+        held_out_agreement(model, TokenBlocks([]))
+    with pytest.raises(InvalidOptionError, match="calibration set is empty"):
+        collect_exit_scores(model, TokenBlocks([]), ["max_prob"])

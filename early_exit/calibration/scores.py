@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..confidence import get_confidence_metric
-from ..data import hidden_states_over_blocks
+from ..data import hidden_states_over_blocks, require_examples
 from ..modeling_early_exit import EarlyExitForCausalLM
 from ..pruning import VocabPruner, VocabPruningConfig
 
@@ -91,7 +91,9 @@ def collect_exit_scores(
 
     Raises:
         ValueError: an unknown metric name (the message lists the known ones).
+        InvalidOptionError: `dataset` is empty.
     """
+    require_examples(dataset, "calibration")
     resolved = [get_confidence_metric(name) for name in metrics]
     exits = model.exit_layers
     scores: dict[str, list[torch.Tensor]] = {metric.name: [] for metric in resolved}

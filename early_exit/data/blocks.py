@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ..errors import InvalidOptionError
 from .collator import DistillationCollator
 
 if TYPE_CHECKING:
@@ -34,6 +35,19 @@ class BlockStates:
     attention_mask: torch.Tensor
     exit_states: list[torch.Tensor]
     final_state: torch.Tensor
+
+
+def require_examples(dataset: Dataset, name: str) -> None:
+    """Refuse an empty dataset before any work, naming it (an empty set would otherwise fail deep inside, or give
+    all-zero measurements).
+
+    Raises:
+        InvalidOptionError: `dataset` has no items.
+    """
+    if len(dataset) == 0:
+        raise InvalidOptionError(
+            f"The {name} set is empty: give it at least one block of tokens (more text, or a smaller block size)."
+        )
 
 
 @torch.no_grad()

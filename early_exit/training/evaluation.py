@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import Dataset
 
-from ..data import hidden_states_over_blocks
+from ..data import hidden_states_over_blocks, require_examples
 from ..modeling_early_exit import EarlyExitForCausalLM
 from .loss import exit_distillation_loss
 
@@ -95,6 +95,7 @@ def held_out_agreement(
     model: EarlyExitForCausalLM, dataset: Dataset, batch_size: int = 4, bf16: bool = False
 ) -> ExitAgreement:
     """Each exit's top-1 agreement with (and KL from) the final layer over every position of `dataset`'s blocks."""
+    require_examples(dataset, "held-out")
     result = ExitAgreement(model.exit_layers, model.num_layers)
     for block in hidden_states_over_blocks(model, dataset, batch_size, bf16, "held-out agreement"):
         exit_logits = [

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ..data import hidden_states_over_blocks
+from ..data import hidden_states_over_blocks, require_examples
 from ..modeling_early_exit import EarlyExitForCausalLM
 
 
@@ -71,8 +71,10 @@ class HiddenStateCache(Dataset):
             dtype: dtype to store the states in (default: the model's); `torch.bfloat16` halves a float32 cache.
 
         Raises:
+            InvalidOptionError: `dataset` is empty.
             MemoryError: the cache would take more than 80% of this machine's memory (checked before any work).
         """
+        require_examples(dataset, "training or evaluation")
         dtype = dtype or model.dtype
         count, hidden_size = len(dataset), model.hidden_size
         width = max(len(dataset[index]["input_ids"]) for index in range(count))

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
 from ..architectures import unwrap_model
-from ..data import DistillationCollator
+from ..data import DistillationCollator, require_examples
 from ..modeling_early_exit import EarlyExitForCausalLM
 from .evaluation import ExitAgreement
 from .hidden_cache import HiddenStateCache
@@ -108,6 +108,9 @@ class EarlyExitTrainer(Trainer):
             )
         if not isinstance(args, EarlyExitTrainingArguments):
             args = EarlyExitTrainingArguments.from_training_arguments(args)
+        for name, dataset in [("training", train_dataset), *_named_eval_sets(eval_dataset)]:
+            if dataset is not None:
+                require_examples(dataset, name)
         self.joint_tuning = unwrap_model(model.base) is not model.base
         data_collator = data_collator or DistillationCollator()
         if args.cache_hidden_states:
@@ -266,3 +269,9 @@ class EarlyExitTrainer(Trainer):
 
     def _load_best_model(self) -> None:
         self.accelerator.unwrap_model(self.model).load_trained_weights(self.state.best_model_checkpoint)
+
+
+def _named_eval_sets(eval_dataset: Dataset | dict[str, Dataset] | None) -> list[tuple[str, Dataset | None]]:
+    if isinstance(eval_dataset, dict):
+        return [(f"evaluation ({name})", dataset) for name, dataset in eval_dataset.items()]
+    return [("evaluation", eval_dataset)]
