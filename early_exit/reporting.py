@@ -27,7 +27,7 @@ class HeadCosts:
     """What the heads of one folder cost, exit by exit.
 
     Attributes:
-        label: the folder's name.
+        exit_layers: the folder's exits.
         parameters: per exit, the head's parameters.
         full: decoding-step costs with every head scoring the full vocabulary.
         pruned: the same with the vocabulary pruned at the first exit (its head pays the full vocabulary and the
@@ -35,14 +35,14 @@ class HeadCosts:
         kept: the number of tokens kept by `pruned`.
     """
 
-    label: str
+    exit_layers: list[int]
     parameters: list[int]
     full: ExitCosts
     pruned: ExitCosts
     kept: int
 
 
-def head_costs_table(exit_layers: Sequence[int], costs: HeadCosts) -> str:
+def head_costs_table(costs: HeadCosts) -> str:
     """A Markdown table: per exit, its head's parameters and the time of one head call (with its confidence metric)
     as a multiple of one decoder layer, over the full vocabulary and pruned."""
     rows = [
@@ -50,7 +50,7 @@ def head_costs_table(exit_layers: Sequence[int], costs: HeadCosts) -> str:
         f"head call, pruned to {costs.kept} tokens (x layer) |",
         "| ---: | ---: | ---: | ---: |",
     ]
-    for index, layer in enumerate(exit_layers):
+    for index, layer in enumerate(costs.exit_layers):
         full = costs.full.head_ms[index] / costs.full.layer_ms
         pruned = costs.pruned.head_ms[index] / costs.pruned.layer_ms
         note = " (prunes)" if index == costs.pruned.pruning_exit else ""
@@ -204,11 +204,11 @@ def heads_report(
     command: str,
     plot: Path,
     trainings: dict[str, dict],
-    costs: dict[str, tuple[list[int], HeadCosts]] | None = None,
+    costs: dict[str, HeadCosts] | None = None,
 ) -> str:
     """The Markdown page of `early-exit report`: agreement by layer of each heads folder against the logit lens,
     with how each was trained (`trainings`: folder name -> its config's `training` record) and, with `costs`
-    (folder name -> its exit layers and measured costs), what each head costs."""
+    (folder name -> its measured costs), what each head costs."""
     lines = [
         f"# Held-out agreement of exit heads: {base_model}",
         "",
@@ -225,14 +225,14 @@ def heads_report(
         agreement_table(curves),
         "",
     ]
-    for name, (exit_layers, measured) in (costs or {}).items():
+    for name, measured in (costs or {}).items():
         lines += [
             f"## What the heads of `{name}` cost",
             "",
             f"Measured on this machine at batch size 1 after 128 cached positions; one decoder layer took "
             f"{measured.full.layer_ms:.2f} ms.",
             "",
-            head_costs_table(exit_layers, measured),
+            head_costs_table(measured),
             "",
         ]
     for name, training in trainings.items():

@@ -257,14 +257,13 @@ def report(args: argparse.Namespace) -> None:
         label = f"{Path(folder).name} ({model.config.head_type}{size}, {share:.1f}% of base)"
         curves.append(AgreementCurve(label, held_out_agreement(model, dataset, bf16=args.bf16)))
         parameters = [sum(p.numel() for p in head.parameters()) for head in model.exit_heads.values()]
-        measured = HeadCosts(
-            Path(folder).name,
+        costs[Path(folder).name] = HeadCosts(
+            model.exit_layers,
             parameters,
             measure_exit_costs(model, "max_prob"),
             measure_exit_costs(model, "max_prob", pruning),
             pruning.top_k,
         )
-        costs[Path(folder).name] = (model.exit_layers, measured)
     output = Path(args.output)
     plot = plot_agreement_by_layer(
         curves, output.with_suffix(".png"), f"{name}: held-out top-1 agreement ({dataset.num_tokens} tokens)"

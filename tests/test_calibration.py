@@ -31,6 +31,7 @@ from early_exit.data.corpus import TokenBlocks
 from early_exit.errors import CalibrationError
 from early_exit.generation.thresholds import CalibrationTable, ExitCosts
 from early_exit.pruning import VocabPruningConfig
+from early_exit.reporting import HeadCosts, head_costs_table
 from early_exit.training import EarlyExitTrainer, EarlyExitTrainingArguments
 
 
@@ -152,6 +153,19 @@ def test_costs_are_measured_per_exit_under_the_pruning_they_will_run_with():
     assert pruned.pruning_exit == 1 and len(pruned.head_ms) == 3
     assert pruned.layer_ms > 0 and pruned.final_head_ms > 0 and pruned.carry_fraction >= 0
     assert measure_exit_costs(model, "max_prob", context=16, repeats=3).pruning_exit is None
+
+
+def test_the_heads_report_tabulates_each_heads_size_and_cost_relative_to_a_layer():
+    model = early_exit.add_exit_heads(tiny_model("llama"), [1, 3], head_type="attention")
+    full = ExitCosts(layer_ms=2.0, carry_fraction=0.1, head_ms=[4.0, 3.0], final_head_ms=5.0)
+    pruned = ExitCosts(layer_ms=2.0, carry_fraction=0.1, head_ms=[5.0, 1.0], final_head_ms=5.0, pruning_exit=0)
+    parameters = [sum(p.numel() for p in head.parameters()) for head in model.exit_heads.values()]
+    rows = head_costs_table(HeadCosts(model.exit_layers, parameters, full, pruned, kept=4)).splitlines()
+    assert len(rows) == 2 + 2 and "pruned to 4 tokens" in rows[0]
+    assert rows[2] == f"| 1 | {parameters[0]:,} | 2.00 | 2.50 (prunes) |"
+    assert rows[3] == f"| 3 | {parameters[1]:,} | 1.50 | 0.50 |"
+    measured = measure_exit_costs(model, "max_prob", context=16, repeats=3)  # attention heads are timed too
+    assert len(measured.head_ms) == 2 and min(measured.head_ms) > 0
 
 
 def test_cost_aware_tables_record_their_costs():

@@ -10,11 +10,11 @@ import math
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from tiny_models import STORIES260K, VOCAB, tiny_model
+from test_training import _blocks
+from tiny_models import STORIES260K, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, TrainingArguments, pipeline
 
 import early_exit
-from early_exit.data.corpus import TokenBlocks
 from early_exit.errors import CalibrationError, InvalidOptionError
 from early_exit.training import EarlyExitTrainer, EarlyExitTrainingArguments
 
@@ -173,11 +173,6 @@ def test_the_tokenizer_saved_with_the_heads_loads_with_auto_tokenizer_and_stays_
 
 
 # --- training --------------------------------------------------------------------------------------------------------
-def _blocks(count: int, vocab: int, length: int = 16) -> TokenBlocks:
-    generator = torch.Generator().manual_seed(0)
-    return TokenBlocks([torch.randint(3, vocab, (length,), generator=generator).tolist() for _ in range(count)])
-
-
 def _plain_arguments(tmp_path) -> TrainingArguments:
     return TrainingArguments(
         str(tmp_path / "run"),
@@ -197,7 +192,7 @@ def test_joint_lora_tuning_works_on_a_model_with_tied_embeddings(tmp_path):
     lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     model = early_exit.add_exit_heads(lora, [1, 3])
     heads_before = {name: tensor.clone() for name, tensor in model.exit_heads.state_dict().items()}
-    EarlyExitTrainer(model, _plain_arguments(tmp_path), train_dataset=_blocks(8, VOCAB)).train()
+    EarlyExitTrainer(model, _plain_arguments(tmp_path), train_dataset=_blocks(0, 8)).train()
     assert base.lm_head.weight is base.model.embed_tokens.weight  # still tied
     assert any(not torch.equal(tensor, model.exit_heads.state_dict()[name]) for name, tensor in heads_before.items())
     lora_b = [tensor for name, tensor in model.base.named_parameters() if "lora_B" in name]
@@ -206,7 +201,7 @@ def test_joint_lora_tuning_works_on_a_model_with_tied_embeddings(tmp_path):
 
 def test_the_trainer_takes_a_plain_training_arguments_with_distillation_defaults(model, tmp_path):
     plain = _plain_arguments(tmp_path)
-    trainer = EarlyExitTrainer(model, plain, train_dataset=_blocks(8, model.vocab_size))
+    trainer = EarlyExitTrainer(model, plain, train_dataset=_blocks(0, 8))
     assert isinstance(trainer.args, EarlyExitTrainingArguments)
     assert trainer.args.learning_rate == plain.learning_rate and trainer.args.output_dir == plain.output_dir
     assert trainer.args.distillation_temperature == EarlyExitTrainingArguments.distillation_temperature

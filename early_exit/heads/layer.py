@@ -161,9 +161,9 @@ class LinearHead(ExitHead):
 class ContextHead(ExitHead):
     """An exit head that reads earlier positions too, and so keeps keys and values of its own in the KV cache.
 
-    Decoding runs `attend` over every position that passes the head's exit layer (whether or not the exit is scored
-    for it), so the head's cache always holds what a full pass over the same tokens would give it, and `readout` on
-    the position being scored.
+    When a decoding run scores the head's exit, it runs `attend` over every position that passes the exit layer
+    (including prompt and deferred-fill positions that never stop there), so the head's cache holds what a full
+    pass over the same tokens would give it, and `readout` on the position being scored.
 
     Attributes:
         layer_type: the attention pattern of the head's own attention ("full_attention" or "sliding_attention").
