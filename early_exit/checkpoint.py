@@ -1,8 +1,9 @@
 """Reading and writing heads checkpoints: crash-safe folder saves and validated, consistent loading.
 
-A heads folder holds `config.json` (an `EarlyExitConfig`), `exit_heads.safetensors` (head weights only) and a short
-model card `README.md`, plus `base_adapter/` for heads tuned jointly with a LoRA: the same files `push_to_hub`
-uploads. It stays a plain folder, so `from_pretrained`, `hf upload` and `git` see nothing unusual.
+A heads folder holds `config.json` (an `EarlyExitConfig`), `exit_heads.safetensors` (head weights only), a model card
+`README.md` and `modeling_early_exit.py` (what `config.json`'s `auto_map` names for `trust_remote_code=True` loads),
+plus `base_adapter/` for heads whose base runs with a PEFT adapter: the same files `push_to_hub` uploads. It stays a
+plain folder, so `from_pretrained`, `hf upload` and `git` see nothing unusual.
 
 How a save stays whole. The new contents are written to a staging folder beside the target, made durable, then
 swapped with the target in one atomic exchange (`renameat2(RENAME_EXCHANGE)` on Linux, `renamex_np(RENAME_SWAP)` on
@@ -54,9 +55,25 @@ MODEL_CARD_NAME = "README.md"
 BASE_ADAPTER_DIR = "base_adapter"
 #: The weights file PEFT writes for an adapter.
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+#: The code file a heads folder carries so that the Auto classes load it with `trust_remote_code=True` without
+#: `import early_exit` (a copy of `early_exit/remote_code.py`, which takes the classes from the installed package).
+REMOTE_CODE_NAME = "modeling_early_exit.py"
+#: The `auto_map` a heads folder's `config.json` holds: the Auto classes and where in `REMOTE_CODE_NAME` they are.
+AUTO_MAP = {
+    auto_class: f"{Path(REMOTE_CODE_NAME).stem}.{name}"
+    for auto_class, name in (("AutoConfig", "EarlyExitConfig"), ("AutoModelForCausalLM", "EarlyExitForCausalLM"))
+}
+_REMOTE_CODE_SOURCE = Path(__file__).with_name("remote_code.py")
 #: What a heads save writes. Nothing else in the folder is its own (logs, notes), so a new save carries the rest over,
 #: but never these: a `base_adapter/` of an earlier save must not outlive a save without one.
-HEADS_FOLDER_FILES = (CONFIG_NAME, WEIGHTS_NAME, MODEL_CARD_NAME, BASE_ADAPTER_DIR, GENERATION_CONFIG_NAME)
+HEADS_FOLDER_FILES = (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    MODEL_CARD_NAME,
+    BASE_ADAPTER_DIR,
+    GENERATION_CONFIG_NAME,
+    REMOTE_CODE_NAME,
+)
 #: The files a tokenizer saved with the heads may write (`save_pretrained(..., tokenizer=...)`).
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -76,6 +93,11 @@ SAVE_ID_KEY = "save_id"
 _CONSISTENT_READ_ATTEMPTS = 5
 _STAGING = "saving"
 _RETIRED = "old"
+
+
+def write_remote_code(folder: str | os.PathLike) -> None:
+    """Write the heads folder's `REMOTE_CODE_NAME` (the file `AUTO_MAP` points the Auto classes at) into `folder`."""
+    shutil.copyfile(_REMOTE_CODE_SOURCE, Path(folder) / REMOTE_CODE_NAME)
 
 
 def new_save_id() -> str:
@@ -424,42 +446,3 @@ def check_head_weights(expected: dict[str, torch.Tensor], loaded: dict[str, torc
             f"The head weights in {source} do not match their config: {'; '.join(problems)}. The checkpoint is "
             "partial or its config.json belongs to other heads; save the heads again."
         )
-
-
-def model_card(
-    base_model: str | None,
-    exit_layers: list[int],
-    num_layers: int,
-    head_type: str,
-    head_parameters: int,
-    base_parameters: int,
-    training: dict | None = None,
-) -> str:
-    """A short Hub model card for a heads folder; `training` (the config's record of how the heads were trained)
-    becomes a section of its own."""
-    share = 100.0 * head_parameters / base_parameters
-    front_matter = ["---", "library_name: early-exit", "tags:", "- early-exit"]
-    if base_model:
-        front_matter.append(f"base_model: {base_model}")
-    front_matter.append("---")
-    base = base_model or "(not recorded: pass `base_model=` when loading)"
-    return "\n".join(
-        front_matter
-        + [
-            "",
-            f"# Early-exit heads for {base}",
-            "",
-            f"{len(exit_layers)} `{head_type}` exit heads after layers {exit_layers} of {num_layers}: "
-            f"{head_parameters:,} parameters, {share:.2f}% of the base model's {base_parameters:,}. "
-            "Only the heads are stored here; the base model is loaded from the id above.",
-            "",
-            "```python",
-            "import early_exit  # registers the early_exit model type",
-            "from transformers import AutoModelForCausalLM",
-            "",
-            'model = AutoModelForCausalLM.from_pretrained("<this folder or repo>")',
-            "```",
-            "",
-        ]
-        + (["## Training", "", *(f"- {key}: {value}" for key, value in training.items()), ""] if training else [])
-    )

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from huggingface_hub import HfApi
 
-from .checkpoint import CONFIG_NAME, GENERATION_CONFIG_NAME, MODEL_CARD_NAME, TOKENIZER_FILES, WEIGHTS_NAME
+from .checkpoint import (
+    CONFIG_NAME,
+    GENERATION_CONFIG_NAME,
+    MODEL_CARD_NAME,
+    REMOTE_CODE_NAME,
+    TOKENIZER_FILES,
+    WEIGHTS_NAME,
+)
 from .errors import CheckpointError, HubUnreachableError
 
-#: The files of a heads folder that are uploaded (those present), with the base's jointly trained PEFT adapter when the
-#: config names one; anything else in the folder (logs, notes, trainer checkpoints) stays local.
-HEAD_FILES = [CONFIG_NAME, WEIGHTS_NAME, MODEL_CARD_NAME, GENERATION_CONFIG_NAME, *TOKENIZER_FILES]
+#: The files of a heads folder that are uploaded (those present), with the base's PEFT adapter when the config names
+#: one; anything else in the folder (logs, notes, trainer checkpoints) stays local.
+HEAD_FILES = [CONFIG_NAME, WEIGHTS_NAME, MODEL_CARD_NAME, GENERATION_CONFIG_NAME, REMOTE_CODE_NAME, *TOKENIZER_FILES]
 
 
 def _files_to_upload(folder: str | os.PathLike) -> list[str]:
@@ -34,6 +43,26 @@ def _is_network_failure(error: BaseException) -> bool:
     return isinstance(error, ConnectionError) or any(cls.__name__ == "TransportError" for cls in type(error).__mro__)
 
 
+@contextmanager
+def explain_unreachable_hub(repo_id: str) -> Iterator[None]:
+    """Turn a failure to reach the Hub inside the block, while pushing heads to `repo_id`, into a
+    `HubUnreachableError` that says how to push later; any other error passes unchanged.
+
+    Raises:
+        HubUnreachableError: the Hub cannot be reached (no network, or offline mode).
+    """
+    try:
+        yield
+    except Exception as error:
+        if not _is_network_failure(error):
+            raise
+        raise HubUnreachableError(
+            f"Could not push the heads to {repo_id}: the Hugging Face Hub is not reachable ({error}). Push a "
+            "folder written by save_pretrained later, from a machine with network access "
+            f"(e.g. `hf upload {repo_id} <folder>`)."
+        ) from error
+
+
 def upload_heads(
     folder: str | os.PathLike,
     repo_id: str,
@@ -44,7 +73,7 @@ def upload_heads(
     commit_message: str | None = None,
     create_pr: bool = False,
 ) -> str:
-    """Create `repo_id` if needed and upload a saved heads folder's config, weights and model card to it.
+    """Create `repo_id` if needed and upload a saved heads folder's files (`HEAD_FILES`) to it.
 
     Returns:
         The URL of the commit.
@@ -55,7 +84,7 @@ def upload_heads(
     """
     files = _files_to_upload(folder)
     api = HfApi(token=token)
-    try:
+    with explain_unreachable_hub(repo_id):
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         commit = api.upload_folder(
             repo_id=repo_id,
@@ -65,12 +94,4 @@ def upload_heads(
             commit_message=commit_message or "Upload early-exit heads",
             create_pr=create_pr,
         )
-    except Exception as error:
-        if not _is_network_failure(error):
-            raise
-        raise HubUnreachableError(
-            f"Could not push the heads to {repo_id}: the Hugging Face Hub is not reachable ({error}). Push a "
-            "folder written by save_pretrained later, from a machine with network access "
-            f"(e.g. `hf upload {repo_id} <folder>`)."
-        ) from error
     return commit.commit_url

@@ -7,8 +7,9 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -22,6 +23,7 @@ from transformers.utils import ModelOutput, cached_file, logging
 
 from .architectures import DecoderAdapter, LayerInputs, get_decoder_adapter, unwrap_model
 from .checkpoint import (
+    AUTO_MAP,
     BASE_ADAPTER_DIR,
     CONFIG_NAME,
     GENERATION_CONFIG_NAME,
@@ -33,18 +35,19 @@ from .checkpoint import (
     atomic_directory,
     check_head_weights,
     check_inside,
-    model_card,
     new_save_id,
     read_head_weights,
     read_matching_weights,
+    write_remote_code,
 )
 from .configuration_early_exit import EarlyExitConfig
 from .default_model import load_base_model, load_base_tokenizer
 from .errors import CheckpointError, HeadMismatchError, InvalidOptionError
-from .generation import ExitDecodingConfig, generate_with_exits
-from .heads import build_head, exit_logits, head_inputs, open_head_slots
+from .generation import ExitDecodingConfig, PromptLookup, generate_with_exits
+from .heads import HEAD_TYPES, build_head, exit_logits, head_inputs, open_head_slots
 from .hub import upload_heads
 from .kernels import FewPositionLinears
+from .model_card import heads_model_card
 
 logger = logging.get_logger(__name__)
 
@@ -175,17 +178,26 @@ class EarlyExitForCausalLM(PreTrainedModel):
 
     def forward(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
         use_cache: bool | None = None,
+        exit_hidden_states: torch.Tensor | None = None,
+        final_hidden_states: torch.Tensor | None = None,
     ) -> EarlyExitCausalLMOutput:
         """Run the full model layer by layer, reading every exit on the way.
 
         Arguments mean what they mean for the base model's `forward` (`use_cache` defaults to the base config's);
-        the final logits equal the base's.
+        the final logits equal the base's. Instead of tokens, the hidden states the base computed once (the
+        training's hidden-state cache) can be given: `exit_hidden_states` (batch, exits, seq, hidden) after each exit
+        layer and `final_hidden_states` (batch, seq, hidden) after the last; only the heads and the final norm and
+        LM head then run (whole sequences from position 0).
         """
+        if exit_hidden_states is not None:
+            return self._forward_from_hidden_states(exit_hidden_states, final_hidden_states)
+        if input_ids is None:
+            raise ValueError("forward needs input_ids, or exit_hidden_states and final_hidden_states from the base.")
         if use_cache is None:
             use_cache = self.decoder.config.use_cache
         if use_cache and past_key_values is None:
@@ -205,6 +217,14 @@ class EarlyExitForCausalLM(PreTrainedModel):
                 exit_logits.append(self.exit_logits_at(index + 1, hidden, inputs=layer_inputs))
         logits = self.final_logits(hidden)
         return EarlyExitCausalLMOutput(logits=logits, exit_logits=tuple(exit_logits), past_key_values=past_key_values)
+
+    def _forward_from_hidden_states(
+        self, exit_hidden_states: torch.Tensor, final_hidden_states: torch.Tensor | None
+    ) -> EarlyExitCausalLMOutput:
+        states = exit_hidden_states.to(self.dtype)
+        exit_logits = tuple(self.exit_logits_at(layer, states[:, i]) for i, layer in enumerate(self.exit_layers))
+        logits = None if final_hidden_states is None else self.final_logits(final_hidden_states.to(self.dtype))
+        return EarlyExitCausalLMOutput(logits=logits, exit_logits=exit_logits)
 
     def iter_layers(
         self,
@@ -281,7 +301,10 @@ class EarlyExitForCausalLM(PreTrainedModel):
         `return_dict_in_generate=True` the output also says where each token left and where the time went
         (`early_exit.generation.EarlyExitGenerateOutput`, or `SpeculativeGenerateOutput`). Decoding modes other than
         greedy decoding and sampling (beam search, contrastive search, assisted generation and prompt lookup, DoLa)
-        run through the base model's own `generate` when nothing exits, and are refused when something does.
+        run through the base model's own `generate` when nothing exits, and are refused when something does; the
+        exception is prompt lookup with `speculative=True`: `prompt_lookup_num_tokens` (and
+        `max_matching_ngram_size`) then add drafts copied from the context to the exits' drafts, verified in the
+        same full-depth passes (`early_exit.generation.PromptLookup`).
 
         The early-exit options are the fields of `early_exit.generation.ExitDecodingConfig` (`accuracy_level=0.95`,
         `exit_thresholds=[...]`, `confidence_metric`, `min_exit_layer`, `kv_strategy`, `vocab_pruning`,
@@ -305,6 +328,7 @@ class EarlyExitForCausalLM(PreTrainedModel):
         # on purpose (e.g. `eos_token_id=None`: never stop early) stays a keyword, which it applies last.
         cleared = {name: None for name, value in kwargs.items() if value is None and hasattr(generation_config, name)}
         kwargs = generation_config.update(**kwargs) | cleared  # the rest join the config, as `generate` does
+        prompt_lookup = _take_prompt_lookup(generation_config, kwargs) if options.speculative else None
         mode = generation_config.get_generation_mode(kwargs.get("assistant_model"))
         if mode not in _LOOP_MODES:
             if options.full_depth and not options.speculative:
@@ -336,6 +360,7 @@ class EarlyExitForCausalLM(PreTrainedModel):
                 logits_processor,
                 stopping_criteria,
                 streamer,
+                prompt_lookup,
                 **kwargs,
             )
 
@@ -365,24 +390,35 @@ class EarlyExitForCausalLM(PreTrainedModel):
         tokenizer: PreTrainedTokenizerBase | None = None,
         **kwargs,
     ) -> None:
-        """Save the head weights, the config, the generation config and a model card to `save_directory`, atomically.
+        """Save the head weights, the config, the generation config, a model card and the code file the config's
+        `auto_map` names to `save_directory`, atomically.
 
-        The base model is not saved: the config names it. If the base is a PEFT `PeftModel` (joint tuning), its
-        adapter is saved too, in the `base_adapter` subfolder, and is applied again on loading. If the save fails,
-        whatever `save_directory` held before is left untouched. `state_dict` (as `Trainer` passes it) may hold the
-        whole model; only heads are kept.
+        The base model is not saved: the config names it. If the base is a PEFT `PeftModel` (joint tuning), or carries
+        an adapter loaded through transformers' PEFT integration (`model.load_adapter`, `model.base.load_adapter`), that
+        adapter is saved too, in the `base_adapter` subfolder, and is applied again on loading (through PEFT: the
+        loaded model's base is then a `PeftModel`). If the save fails, whatever `save_directory` held before is left
+        untouched. `state_dict` (as `Trainer` passes it) may hold the whole model; only heads are kept.
         `generation_config.json` holds `model.generation_config`, early-exit settings included (e.g. a default
         `accuracy_level`; one that is not valid fails here). `tokenizer` (default: `model.tokenizer`) is saved too, so
-        `AutoTokenizer.from_pretrained(save_directory)` loads it.
+        `AutoTokenizer.from_pretrained(save_directory)` loads it. The folder's `modeling_early_exit.py` lets
+        `AutoModelForCausalLM.from_pretrained(save_directory, trust_remote_code=True)` load the heads in a process
+        that has not imported `early_exit` (the package must be installed).
         With `push_to_hub=True` the saved folder is then uploaded to `repo_id` (default: the folder's name); the
         keyword arguments of `early_exit.hub.upload_heads` are passed on. Other keyword arguments of
         `PreTrainedModel.save_pretrained` such as `safe_serialization` are accepted and ignored (heads are always
         safetensors).
+
+        Raises:
+            CheckpointError: the folder cannot be written, or the model holds adapters a save cannot reproduce
+                (disabled, several active at once, added to this wrapper rather than to its base, or changing base
+                layers that the heads copy).
         """
         if not is_main_process:
             return
-        jointly_tuned_base = unwrap_model(self.base) is not self.base
-        self.config.base_adapter = BASE_ADAPTER_DIR if jointly_tuned_base else None
+        _refuse_adapters_on_the_wrapper(self)
+        base_has_adapter = unwrap_model(self.base) is not self.base or _has_loaded_adapter(self)
+        self.config.base_adapter = BASE_ADAPTER_DIR if base_has_adapter else None
+        self.config.auto_map = dict(AUTO_MAP)
         self.config.base_model_name_or_path = _lasting_base_name(self.config.base_model_name_or_path)
         _warn_if_base_is_local(self.config.base_model_name_or_path)
         self.config.save_id = new_save_id()
@@ -393,15 +429,7 @@ class EarlyExitForCausalLM(PreTrainedModel):
             if name.startswith("exit_heads.")
         }
         self.config.architectures = [type(self).__name__]
-        card = model_card(
-            self.config.base_model_name_or_path,
-            self.exit_layers,
-            self.decoder.num_layers,
-            self.config.head_type,
-            self.head_parameter_count(),
-            self.base_parameter_count(),
-            self.config.training,
-        )
+        card = heads_model_card(self.config, self.head_parameter_count(), self.base_parameter_count())
         _pop_exit_settings(copy.deepcopy(self.generation_config))  # a default that cannot be used fails now
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         with atomic_directory(save_directory, owned=HEADS_FOLDER_FILES) as staging:
@@ -410,8 +438,9 @@ class EarlyExitForCausalLM(PreTrainedModel):
             self.generation_config.save_pretrained(staging)
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
-            (staging / MODEL_CARD_NAME).write_text(card, encoding="utf-8")
-            if jointly_tuned_base:
+            card.save(staging / MODEL_CARD_NAME)
+            write_remote_code(staging)
+            if base_has_adapter:
                 self.base.save_pretrained(str(staging / BASE_ADAPTER_DIR))
         if push_to_hub:
             repo_id = kwargs.pop("repo_id", None) or Path(save_directory).name
@@ -419,7 +448,7 @@ class EarlyExitForCausalLM(PreTrainedModel):
             upload_heads(save_directory, repo_id, **{name: kwargs[name] for name in push_arguments if name in kwargs})
 
     def push_to_hub(self, repo_id: str, **kwargs) -> str:
-        """Upload the heads (config, weights, model card; never the base model) to the Hub repo `repo_id`.
+        """Upload the heads (config, weights, model card, code file; never the base model) to the Hub repo `repo_id`.
 
         Takes the keyword arguments of `early_exit.hub.upload_heads` (`private`, `token`, `commit_message`, ...).
 
@@ -429,6 +458,16 @@ class EarlyExitForCausalLM(PreTrainedModel):
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder)
             return upload_heads(folder, repo_id, **kwargs)
+
+    def load_adapter(self, *args: Any, **kwargs: Any) -> Any:
+        """Load a PEFT adapter (e.g. a LoRA) into the base model: `model.base.load_adapter(...)`, which takes the
+        same arguments and returns what it returns. (transformers' own `load_adapter` on this wrapper would look for
+        the adapter's modules under the wrapper's names, and load none of its weights.)
+
+        `save_pretrained` saves the adapter with the heads, and loading them applies it again. Switch, disable or
+        delete adapters on `model.base`.
+        """
+        return self.base.load_adapter(*args, **kwargs)
 
     @classmethod
     def from_pretrained(
@@ -549,6 +588,21 @@ def _record_or_check_base_shape(config: EarlyExitConfig, decoder: DecoderAdapter
         setattr(config, field, value)
 
 
+def _take_prompt_lookup(generation_config: GenerationConfig, kwargs: dict) -> PromptLookup | None:
+    """With self-speculative decoding, `prompt_lookup_num_tokens` (and `max_matching_ngram_size`) ask for drafts
+    copied from the context, verified with the exits' own: take them out of `generation_config` so that `generate`
+    does not start its own assisted decoding. Left in place beside an assistant model, which is refused later."""
+    if not generation_config.prompt_lookup_num_tokens or kwargs.get("assistant_model") is not None:
+        return None
+    lookup = PromptLookup(generation_config.prompt_lookup_num_tokens)
+    ngram = generation_config.max_matching_ngram_size
+    if ngram is not None:
+        lookup = replace(lookup, max_ngram_size=ngram, min_ngram_size=min(ngram, lookup.min_ngram_size))
+    generation_config.prompt_lookup_num_tokens = None
+    generation_config.max_matching_ngram_size = None
+    return lookup
+
+
 def _pop_exit_settings(generation_config: GenerationConfig) -> ExitDecodingConfig:
     """Take the early-exit settings out of `generation_config`, where they are custom attributes (as saved in its
     `generation_config.json`), checked as `generate`'s keywords are."""
@@ -570,6 +624,70 @@ def _add_stop_strings(
     stop = StopStringCriteria(tokenizer, generation_config.stop_strings)
     generation_config.stop_strings = None
     return StoppingCriteriaList([*(stopping_criteria or []), stop])
+
+
+def _refuse_adapters_on_the_wrapper(model: EarlyExitForCausalLM) -> None:
+    """Raise `CheckpointError` if PEFT adapters were added to the wrapper itself (`model.add_adapter`): they may sit
+    in heads as well as in the base, and neither the heads' weights file nor the base's adapter could hold them."""
+    if getattr(model, "_hf_peft_config_loaded", False):
+        raise CheckpointError(
+            "Cannot save these heads: PEFT adapters were added to the EarlyExitForCausalLM itself "
+            f"({', '.join(model.peft_config)}), which a heads folder cannot hold. Add them to the base model instead "
+            "(model.base.add_adapter(...) or model.load_adapter(...)); they are then saved with the heads."
+        )
+
+
+def _has_loaded_adapter(model: EarlyExitForCausalLM) -> bool:
+    """Whether the model's base (a `transformers` model) runs with an adapter loaded through transformers' PEFT
+    integration (`load_adapter`, `add_adapter`), which a heads save must then keep: its active adapter, whose outputs
+    the heads were made with. Adapters loaded but not active change nothing and are left out (with a warning).
+
+    Raises:
+        CheckpointError: what a save cannot give back on loading (which applies the adapter through PEFT, then builds
+            the heads): disabled adapters or several active at once (they would load as one enabled adapter), or
+            heads that copy adapted base layers (attention heads).
+    """
+    base = model.base
+    if not getattr(base, "_hf_peft_config_loaded", False):
+        return False
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if any(module.disable_adapters for module in base.modules() if isinstance(module, BaseTunerLayer)):
+        raise CheckpointError(
+            "Cannot save these heads: the base model's adapters are disabled, and saved they would load enabled. "
+            "Enable them (model.base.enable_adapters()) to save the heads with the active one, or delete them "
+            "(model.base.delete_adapter(name)) to save the heads without."
+        )
+    active = base.active_adapters()
+    if len(active) > 1:
+        raise CheckpointError(
+            f"Cannot save these heads: the base model has several adapters active at once ({', '.join(active)}), "
+            "and a heads folder holds one. Make one active (model.base.set_adapter(name)) and save again."
+        )
+    head_class = HEAD_TYPES[model.config.head_type]
+    with torch.device("meta"):  # the heads loading would build, without allocating weights where they are new
+        rebuilt = [head_class.build(model.decoder, model.config, layer) for layer in model.exit_layers]
+    if any(
+        isinstance(module, BaseTunerLayer)
+        for head in [*model.exit_heads.values(), *rebuilt]
+        for module in head.modules()
+    ):
+        # Such heads depend on whether, and under which name, the adapter was loaded when they were built; the folder
+        # records neither, and loading builds them on the base with the adapter applied under PEFT's default name.
+        raise CheckpointError(
+            f"Cannot save these heads with the base model's adapter: `{model.config.head_type}` heads hold copies of "
+            "base layers the adapter changes, which loading could not rebuild as they are. Save heads that copy no "
+            "layers (residual_adapter, linear, logit_lens) with it, or tune the adapter jointly with the heads "
+            "(peft.get_peft_model(base, ...) before early_exit.add_exit_heads)."
+        )
+    left_out = sorted(set(base.peft_config) - set(active))
+    if left_out:
+        logger.warning(
+            "The base model's inactive adapters %s are not saved with the heads; its active adapter %s is.",
+            left_out,
+            active[0],
+        )
+    return True
 
 
 def _lasting_base_name(name_or_path: str | None) -> str | None:

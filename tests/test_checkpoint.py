@@ -59,7 +59,7 @@ def test_only_head_weights_are_saved(tmp_path):
     model = early_exit.add_exit_heads(_saved_base(tmp_path), [1, 2, 3])
     model.save_pretrained(tmp_path / "heads")
     assert sorted(path.name for path in (tmp_path / "heads").iterdir()) == sorted(
-        ["README.md", WEIGHTS_NAME, "config.json", "generation_config.json"]
+        ["README.md", WEIGHTS_NAME, "config.json", "generation_config.json", "modeling_early_exit.py"]
     )
     tensors = load_file(tmp_path / "heads" / WEIGHTS_NAME)
     assert all(name.startswith("exit_heads.") for name in tensors)
@@ -68,7 +68,7 @@ def test_only_head_weights_are_saved(tmp_path):
     assert config["model_type"] == "early_exit"
     assert config["base_model_name_or_path"] == str(tmp_path / "base")
     assert (config["base_hidden_size"], config["base_num_hidden_layers"], config["base_vocab_size"]) == (32, 4, VOCAB)
-    assert f"base_model: {tmp_path / 'base'}" in (tmp_path / "heads" / "README.md").read_text()
+    assert f"a local folder, `{tmp_path / 'base'}`" in (tmp_path / "heads" / "README.md").read_text()
     umask = os.umask(0o022)
     os.umask(umask)
     for path in (tmp_path / "heads").iterdir():  # readable like any other saved file, not private to the saver
@@ -235,7 +235,7 @@ def test_push_uploads_only_the_head_files_of_the_saved_folder(tmp_path, monkeypa
         (
             "upload_folder",
             "me/heads",
-            sorted(["README.md", "config.json", "generation_config.json", WEIGHTS_NAME]),
+            sorted(["README.md", "config.json", "generation_config.json", "modeling_early_exit.py", WEIGHTS_NAME]),
             "Upload early-exit heads",
         ),
     ]

@@ -15,10 +15,13 @@ from test_generation import ARCHITECTURES, _full_forward_cache, _model, _prompts
 from tiny_models import VOCAB
 from transformers.generation.streamers import BaseStreamer
 
-from early_exit.generation import SpeculativeGenerateOutput
+from early_exit.errors import InvalidOptionError
+from early_exit.generation import PromptLookup, SpeculativeGenerateOutput
 
 SLIDING = {"mistral", "qwen2", "gemma2", "gemma3_text"}  # tiny configs with a sliding window of 5
 thresholds = st.lists(st.one_of(st.none(), st.floats(0.0, 1.0)), min_size=3, max_size=3)
+# Drafts copied from the context on single-token matches, which the tiny models' random text has often enough.
+LOOKUP_UNIGRAMS = dict(prompt_lookup_num_tokens=3, max_matching_ngram_size=1)
 
 
 def _speculative(model, ids, mask, **kwargs) -> SpeculativeGenerateOutput:
@@ -38,9 +41,10 @@ def _speculative(model, ids, mask, **kwargs) -> SpeculativeGenerateOutput:
     max_draft_tokens=st.integers(0, 5),
     eos=st.one_of(st.none(), st.integers(3, VOCAB - 1)),
     repetition_penalty=st.sampled_from([1.0, 1.3]),
+    prompt_lookup=st.sampled_from([{}, dict(prompt_lookup_num_tokens=3), LOOKUP_UNIGRAMS]),
 )
 def test_greedy_output_equals_base_generate(
-    model_type, seed, batch, length, exit_thresholds, max_draft_tokens, eos, repetition_penalty
+    model_type, seed, batch, length, exit_thresholds, max_draft_tokens, eos, repetition_penalty, prompt_lookup
 ):
     model = _model(model_type)
     batch = 1 if model_type in SLIDING else batch  # batches there are refused (see the error test)
@@ -48,7 +52,13 @@ def test_greedy_output_equals_base_generate(
     arguments = dict(max_new_tokens=12, do_sample=False, eos_token_id=eos, repetition_penalty=repetition_penalty)
     expected = model.base.generate(ids, attention_mask=mask, pad_token_id=0, **arguments)
     output = _speculative(
-        model, ids, mask, exit_thresholds=exit_thresholds, max_draft_tokens=max_draft_tokens, **arguments
+        model,
+        ids,
+        mask,
+        exit_thresholds=exit_thresholds,
+        max_draft_tokens=max_draft_tokens,
+        **prompt_lookup,
+        **arguments,
     )
     assert torch.equal(output.sequences, expected)
     assert (output.accepted <= output.drafted).all() and (output.drafted <= max_draft_tokens).all()
@@ -69,9 +79,10 @@ def test_drafts_are_taken_and_rejected_on_the_way():
 
 
 # --- the cache: shared, never recomputed, right after rollback ---------------------------------------------------
-def test_every_position_runs_each_layer_exactly_once():
+@pytest.mark.parametrize("prompt_lookup", [{}, LOOKUP_UNIGRAMS])
+def test_every_position_runs_each_layer_exactly_once(prompt_lookup):
     """Drafts' shallow layers are reused by verification and the prefix never runs again: each layer sees the
-    prompt once and each opened slot (the cycle's first token and its drafts) once."""
+    prompt once and each opened slot (the cycle's first token and its drafts, copied ones too) once."""
     model = _model("llama")
     ids, mask = _prompts(4, 1, 6, padded=False)
     seen = [0] * model.decoder.num_layers
@@ -82,7 +93,15 @@ def test_every_position_runs_each_layer_exactly_once():
         for index, layer in enumerate(model.base.model.layers)
     ]
     try:
-        output = _speculative(model, ids, mask, max_new_tokens=20, exit_thresholds=[0.2, 0.4, 0.6], max_draft_tokens=4)
+        output = _speculative(
+            model,
+            ids,
+            mask,
+            max_new_tokens=20,
+            exit_thresholds=[0.2, 0.4, 0.6],
+            max_draft_tokens=4,
+            **prompt_lookup,
+        )
     finally:
         for hook in hooks:
             hook.remove()
@@ -93,12 +112,25 @@ def test_every_position_runs_each_layer_exactly_once():
 
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
 @settings(settings.get_profile("generation"))
-@given(seed=st.integers(0, 10_000), exit_thresholds=thresholds, max_draft_tokens=st.integers(1, 4))
-def test_cache_after_rollback_is_one_full_forward_pass(model_type, seed, exit_thresholds, max_draft_tokens):
+@given(
+    seed=st.integers(0, 10_000),
+    exit_thresholds=thresholds,
+    max_draft_tokens=st.integers(1, 4),
+    prompt_lookup=st.sampled_from([{}, LOOKUP_UNIGRAMS]),
+)
+def test_cache_after_rollback_is_one_full_forward_pass(
+    model_type, seed, exit_thresholds, max_draft_tokens, prompt_lookup
+):
     model = _model(model_type)
     ids, mask = _prompts(seed, 1, 5, padded=False)
     output = _speculative(
-        model, ids, mask, max_new_tokens=12, exit_thresholds=exit_thresholds, max_draft_tokens=max_draft_tokens
+        model,
+        ids,
+        mask,
+        max_new_tokens=12,
+        exit_thresholds=exit_thresholds,
+        max_draft_tokens=max_draft_tokens,
+        **prompt_lookup,
     )
     sequences = output.sequences[:, :-1]  # the last token has not been run yet, as after base.generate
     expected = _full_forward_cache(model.base, sequences, torch.ones_like(sequences))
@@ -113,6 +145,58 @@ def test_cache_after_rollback_is_one_full_forward_pass(model_type, seed, exit_th
                 atol=1e-4,
                 msg=f"{name} of layer {layer}",
             )
+
+
+def _lookup_drafts(output: SpeculativeGenerateOutput, model, ids, mask, **kwargs) -> int:
+    """How many more drafts `output`'s run made than the same run without prompt lookup."""
+    return int(output.drafted.sum()) - int(_speculative(model, ids, mask, **kwargs).drafted.sum())
+
+
+def test_copied_drafts_are_taken_and_rejected_and_merge_with_exit_drafts():
+    """Drafts copied from the context are verified with the exits' own, some kept and some not, in the same passes,
+    and the output is still `base.generate`'s."""
+    model = _model("llama")
+    ids, _ = _prompts(1, 1, 6, padded=False)  # the tiny model's greedy text repeats tokens (54, 54, 54, ...)
+    expected = model.base.generate(ids, max_new_tokens=30, do_sample=False, pad_token_id=0, eos_token_id=None)
+    for thresholds in ([None, None, None], [0.2, 0.4, 0.6]):
+        arguments = dict(
+            ids=ids, mask=None, max_new_tokens=30, eos_token_id=None, exit_thresholds=thresholds, max_draft_tokens=4
+        )
+        output = _speculative(model, prompt_lookup_num_tokens=3, max_matching_ngram_size=1, **arguments)
+        assert torch.equal(output.sequences, expected)
+        assert _lookup_drafts(output, model, **arguments) > 0
+        assert 0 < output.accepted.sum() < output.drafted.sum()
+        assert (output.drafted <= 4).all()
+    # Without exits every draft was copied, and some cycles emitted more than one token.
+    assert output.tokens_per_full_pass > 1.0
+
+
+@pytest.mark.parametrize(
+    ("sequence", "sizes", "expected"),
+    [
+        ([1, 2, 3, 4, 3, 9, 1, 2, 3], (3, 2), [4, 3, 9, 1, 2]),  # the trigram (1, 2, 3) recurs: what followed it
+        ([1, 2, 3, 4, 3, 9, 1, 2, 3], (1, 1), [9, 1, 2, 3, 9]),  # unigram 3: its latest earlier occurrence
+        ([7, 8, 9, 7, 8], (3, 2), [9, 7, 8, 9, 7]),  # a match that runs into the end copies on around the loop
+        ([6, 1, 2, 6, 1, 2, 5, 6, 1, 2], (3, 2), [5, 6, 1, 2, 5]),  # the latest of two occurrences
+        ([4, 9, 1, 2, 4], (3, 2), []),  # only a unigram recurs, and a unigram is too short to count
+        ([4], (3, 1), []),
+    ],
+)
+def test_prompt_lookup_copies_what_followed_the_latest_longest_match(sequence, sizes, expected):
+    assert PromptLookup(5, *sizes).propose(torch.tensor(sequence)) == expected
+    assert PromptLookup(5, *sizes).propose(torch.tensor(sequence), limit=2) == expected[:2]
+
+
+def test_max_matching_ngram_size_reaches_the_lookup_and_bad_values_are_refused():
+    model = _model("llama")
+    ids = torch.tensor([[5, 17, 33, 8, 40, 5, 17, 33, 8, 40, 5, 17]])
+    arguments = dict(ids=ids, mask=None, max_new_tokens=10, prompt_lookup_num_tokens=3)
+    assert torch.equal(
+        _speculative(model, max_matching_ngram_size=1, **arguments).sequences,
+        model.base.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0),
+    )
+    with pytest.raises(InvalidOptionError, match="max_ngram_size must be a positive integer"):
+        _speculative(model, max_matching_ngram_size=0, **arguments)
 
 
 # --- sampling: the base model's distribution ---------------------------------------------------------------------
@@ -146,12 +230,18 @@ def _chi_square_p_value(counts: torch.Tensor, probabilities: torch.Tensor) -> fl
     return float(torch.special.gammaincc(torch.tensor(freedom / 2, dtype=torch.double), statistic / 2))
 
 
-@pytest.mark.parametrize("temperature", [0.7, 1.0])
-def test_speculative_sampling_follows_the_base_distribution(temperature):
+@pytest.mark.parametrize(("temperature", "copied"), [(0.7, False), (1.0, False), (0.7, True)])
+def test_speculative_sampling_follows_the_base_distribution(temperature, copied):
     """Thousands of rows sampled in one batch: the drafted tokens' frequencies match the base model's exact
-    marginals (chi-square), though the drafts come from exits that disagree with it about half the time."""
+    marginals (chi-square), though the drafts come from exits that disagree with it about half the time, or are
+    copied from the context (rows whose context has no match fill in with their newest token, so every row drafts)."""
     model = _model("llama")
     samples, prompt = 4000, torch.tensor([5, 17, 33, 8])
+    drafting = (
+        LOOKUP_UNIGRAMS | dict(exit_thresholds=[None, None, None])
+        if copied
+        else dict(exit_thresholds=[0.0] + [None] * 2)
+    )
     torch.manual_seed(0)
     output = _speculative(
         model,
@@ -161,10 +251,11 @@ def test_speculative_sampling_follows_the_base_distribution(temperature):
         do_sample=True,
         temperature=temperature,
         top_k=0,
-        exit_thresholds=[0.0, None, None],
         max_draft_tokens=2,
+        **drafting,
     )
-    assert 0.1 < output.acceptance_rate < 0.9  # drafts are both kept and replaced
+    assert (output.drafted[:, 0] == 2).sum() > 0.9 * samples  # rows draft in the first cycle (unless at its end)
+    assert (0.0 if copied else 0.1) < output.acceptance_rate < 0.9  # drafts are both kept and replaced
     marginals = _exact_distributions(model, prompt, 3, temperature)
     for step in (1, 2):  # the first token comes from the prompt's full pass; the next two were drafted
         counts = torch.bincount(output.sequences[:, len(prompt) + step], minlength=VOCAB)

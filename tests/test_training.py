@@ -139,6 +139,26 @@ def test_training_from_cached_hidden_states_matches_training_through_the_base(tm
         torch.testing.assert_close(cached_heads[name], tensor, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("head_type", ["residual_adapter", "attention"])
+def test_forward_from_hidden_states_gives_the_logits_of_forward_from_tokens(head_type):
+    """The hidden-state cache's path through `forward` (which a DDP wrapper all-reduces) reads the heads as the
+    token path does."""
+    model = early_exit.add_exit_heads(tiny_model("llama", **PEAKED), [1, 3], head_type=head_type)
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        states = dict(model.iter_layers(ids))
+        expected = model(ids, use_cache=False)
+        output = model(
+            exit_hidden_states=torch.stack([states[layer] for layer in model.exit_layers], dim=1),
+            final_hidden_states=states[model.num_layers],
+        )
+    torch.testing.assert_close(output.logits, expected.logits)
+    for ours, theirs in zip(output.exit_logits, expected.exit_logits, strict=True):
+        torch.testing.assert_close(ours, theirs)
+    with pytest.raises(ValueError, match="needs input_ids, or exit_hidden_states"):
+        model()
+
+
 def test_the_cache_estimates_its_memory_before_it_starts(monkeypatch, capsys):
     model = early_exit.add_exit_heads(tiny_model("llama"), [1, 2])
     cache = HiddenStateCache.build(model, _blocks(0, 3, length=20), batch_size=2)

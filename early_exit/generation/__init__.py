@@ -3,6 +3,7 @@ strategies, `generate`, and dynamic self-speculative decoding (drafts from the e
 
 from .decoding import DecodingStatistics, LayerwiseDecoder
 from .generate import EarlyExitGenerateOutput, decoding_function, early_exit_sampling, generate_with_exits
+from .lookup import PromptLookup
 from .options import DEFAULT_MAX_DRAFT_TOKENS, KV_STRATEGIES, ExitDecodingConfig
 from .policy import ExitPolicy, resolve_exit_policy
 from .speculative import SpeculativeGenerateOutput, self_speculative_sampling, speculative_decoding_function
@@ -18,6 +19,7 @@ __all__ = [
     "ExitPolicy",
     "LayerwiseDecoder",
     "PolicyOutcome",
+    "PromptLookup",
     "SpeculativeGenerateOutput",
     "decoding_function",
     "early_exit_sampling",

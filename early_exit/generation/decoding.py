@@ -216,10 +216,11 @@ class LayerwiseDecoder:
         position_ids: torch.LongTensor,
         cache: Cache,
     ) -> torch.Tensor:
-        """Run the newest token (`input_ids`, (batch, 1)) and every pending position through the whole model in one
-        pass; returns their final logits, (batch, positions, vocab), the newest last."""
-        hidden = self.decoder.embed(input_ids, position_ids[:, -1:])
-        chunk, _, _ = self._run_layers(hidden, position_ids.shape[1] - 1, attention_mask, position_ids, cache)
+        """Run the newest tokens (`input_ids`, (batch, new)) and every pending position through the whole model in
+        one pass; returns their final logits, (batch, positions, vocab), the newest last."""
+        new = input_ids.shape[1]
+        hidden = self.decoder.embed(input_ids, position_ids[:, -new:])
+        chunk, _, _ = self._run_layers(hidden, position_ids.shape[1] - new, attention_mask, position_ids, cache)
         return self.decoder.final_logits(chunk)
 
     @torch.no_grad()

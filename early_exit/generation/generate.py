@@ -20,6 +20,7 @@ from transformers.generation import GenerateDecoderOnlyOutput, LogitsProcessorLi
 from transformers.generation.streamers import BaseStreamer
 
 from .decoding import DecodingStatistics, LayerwiseDecoder, start_decoding
+from .lookup import PromptLookup
 from .options import ExitDecodingConfig
 from .policy import resolve_exit_policy
 from .speculative import speculative_decoding_function
@@ -141,11 +142,13 @@ def generate_with_exits(
     logits_processor: LogitsProcessorList | None = None,
     stopping_criteria: StoppingCriteriaList | None = None,
     streamer: BaseStreamer | None = None,
+    prompt_lookup: PromptLookup | None = None,
     **kwargs,
 ) -> EarlyExitGenerateOutput | torch.LongTensor:
     """`base.generate(...)` with the decoding loop `options` ask for plugged in, running `decoder` layer by layer with
-    the exit `heads` (by layer number) described by `config` (see `EarlyExitForCausalLM.generate`); the other
-    arguments are `generate`'s own.
+    the exit `heads` (by layer number) described by `config` (see `EarlyExitForCausalLM.generate`); with
+    `options.speculative`, `prompt_lookup` adds drafts copied from the context. The other arguments are `generate`'s
+    own.
 
     Raises:
         CalibrationError: a level the heads are not calibrated for.
@@ -154,7 +157,7 @@ def generate_with_exits(
     policy = resolve_exit_policy(config, decoder.num_layers, options)
     layerwise = LayerwiseDecoder(decoder, heads, policy, options.kv_strategy)
     if options.speculative:
-        decode = speculative_decoding_function(layerwise, options.max_draft_tokens, streamer)
+        decode = speculative_decoding_function(layerwise, options.max_draft_tokens, prompt_lookup, streamer)
     else:
         decode = decoding_function(layerwise, streamer)
     return base.generate(

@@ -37,6 +37,7 @@ from transformers.generation import (
 from transformers.generation.streamers import BaseStreamer
 
 from .decoding import LayerwiseDecoder, start_decoding
+from .lookup import PromptLookup
 from .options import DEFAULT_MAX_DRAFT_TOKENS
 
 
@@ -109,6 +110,7 @@ def self_speculative_sampling(
     *,
     layerwise: LayerwiseDecoder,
     max_draft_tokens: int = DEFAULT_MAX_DRAFT_TOKENS,
+    prompt_lookup: PromptLookup | None = None,
     token_streamer: BaseStreamer | None = None,
     **model_kwargs,
 ) -> SpeculativeGenerateOutput | torch.LongTensor:
@@ -149,6 +151,7 @@ def self_speculative_sampling(
 
     # The prompt's pass gives the first token from the full model, as `generate` does.
     first = layerwise.prefill(input_ids, attention_mask, position_ids, cache).float()
+    vocab = first.shape[-1]
     for row in range(batch):
         scores = processors[row](rows[row][None], first[row : row + 1].clone())
         token = _choose(scores, generation_config.do_sample)
@@ -163,7 +166,16 @@ def self_speculative_sampling(
         tokens = torch.stack([sequence[-1] for sequence in rows])[:, None]
         drafts, draft_probs = [], []
         slots.append()
-        for _ in range(max_draft_tokens):
+        final = None
+        while len(drafts) < max_draft_tokens:
+            copied = _lookup_drafts(prompt_lookup, rows, drafts, unfinished, max_draft_tokens - len(drafts))
+            if copied is not None:  # drafts from the context: verify them with the newest token in one pass
+                for column in copied.unbind(dim=1):
+                    drafts.append(column)
+                    draft_probs.append(_point_mass(column, vocab) if generation_config.do_sample else None)
+                    slots.append()
+                tokens = torch.cat([tokens, copied], dim=1)
+                break
             exit_logits, final = layerwise.draft(tokens, slots.mask, slots.positions, cache, unfinished)
             if final is not None:
                 break
@@ -172,7 +184,7 @@ def self_speculative_sampling(
             draft_probs.append(probs)
             tokens = draft[:, None]
             slots.append()
-        else:
+        if final is None:
             final = layerwise.verify(tokens, slots.mask, slots.positions, cache)
         final = final.float()
 
@@ -225,11 +237,19 @@ def self_speculative_sampling(
 
 
 def speculative_decoding_function(
-    layerwise: LayerwiseDecoder, max_draft_tokens: int = DEFAULT_MAX_DRAFT_TOKENS, streamer: BaseStreamer | None = None
+    layerwise: LayerwiseDecoder,
+    max_draft_tokens: int = DEFAULT_MAX_DRAFT_TOKENS,
+    prompt_lookup: PromptLookup | None = None,
+    streamer: BaseStreamer | None = None,
 ):
-    """The `custom_generate` callable that makes `base.generate` decode with DSSD under `layerwise`'s exit policy."""
+    """The `custom_generate` callable that makes `base.generate` decode with DSSD under `layerwise`'s exit policy,
+    with drafts copied from the context too when `prompt_lookup` is given."""
     return partial(
-        self_speculative_sampling, layerwise=layerwise, max_draft_tokens=max_draft_tokens, token_streamer=streamer
+        self_speculative_sampling,
+        layerwise=layerwise,
+        max_draft_tokens=max_draft_tokens,
+        prompt_lookup=prompt_lookup,
+        token_streamer=streamer,
     )
 
 
@@ -297,6 +317,37 @@ def _draft_tokens(rows, drafts, exit_logits, unfinished, processors, generation_
             probs[row] = torch.softmax(scores[0], dim=-1)
             tokens[row] = torch.multinomial(probs[row], num_samples=1)[0]
     return tokens, probs
+
+
+def _lookup_drafts(
+    prompt_lookup: PromptLookup | None,
+    rows: list[torch.Tensor],
+    drafts: list[torch.Tensor],
+    unfinished: torch.Tensor,
+    limit: int,
+) -> torch.LongTensor | None:
+    """(batch, n) drafts copied from each row's context (`rows` plus this cycle's `drafts`), or `None` when no
+    unfinished row has any. Rows that found fewer than the longest proposal repeat their last token to fill the
+    batch's rectangle: any token is a sound draft, since the full model decides, and finished rows are ignored."""
+    if prompt_lookup is None:
+        return None
+    contexts = [torch.cat([sequence, *(draft[row].view(1) for draft in drafts)]) for row, sequence in enumerate(rows)]
+    proposals = [prompt_lookup.propose(contexts[row], limit) if unfinished[row] else [] for row in range(len(contexts))]
+    width = max(len(tokens) for tokens in proposals)
+    if not width:
+        return None
+    copied = torch.stack([context[-1:] for context in contexts]).repeat(1, width)
+    for row, tokens in enumerate(proposals):
+        if tokens:
+            copied[row, : len(tokens)] = torch.tensor(tokens)
+            copied[row, len(tokens) :] = tokens[-1]
+    return copied
+
+
+def _point_mass(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(batch, vocab) distributions that draw each row's token for sure: a copied draft's, for speculative sampling
+    (it is then kept with probability p(token), and a rejection samples from p without it)."""
+    return torch.nn.functional.one_hot(tokens, vocab).float()
 
 
 def _verify_token(

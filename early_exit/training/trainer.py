@@ -9,6 +9,7 @@ its own. Users keep everything `Trainer` gives: `TrainingArguments`, accelerate,
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from transformers import Trainer, TrainingArguments
 
 from ..architectures import unwrap_model
 from ..data import DistillationCollator, require_examples
+from ..hub import explain_unreachable_hub
 from ..modeling_early_exit import EarlyExitForCausalLM
 from .evaluation import ExitAgreement
 from .hidden_cache import HiddenStateCache
@@ -154,12 +156,11 @@ class EarlyExitTrainer(Trainer):
     ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         inner: EarlyExitForCausalLM = self.accelerator.unwrap_model(model)
         if "exit_hidden_states" in inputs:
-            states = inputs["exit_hidden_states"].to(inner.dtype)
-            exit_logits = [inner.exit_logits_at(layer, states[:, i]) for i, layer in enumerate(inner.exit_layers)]
-            with torch.no_grad():
-                final = inputs["final_hidden_states"].to(inner.dtype)
-                teacher = inner.final_logits(final)
-            return exit_logits, teacher, teacher
+            # Through `model`, not `inner`: a DDP wrapper all-reduces the gradients of what runs inside its call only.
+            output = model(
+                exit_hidden_states=inputs["exit_hidden_states"], final_hidden_states=inputs["final_hidden_states"]
+            )
+            return list(output.exit_logits), output.logits, output.logits
         output = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
         if not self.joint_tuning:
             return list(output.exit_logits), output.logits, output.logits
@@ -262,6 +263,17 @@ class EarlyExitTrainer(Trainer):
         return metrics
 
     # --- checkpoints: heads folders, not full models -----------------------------------------------------------------
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
+        """`Trainer.push_to_hub` (same arguments and result): save the heads to `args.output_dir` and upload that
+        folder to `args.hub_model_id` (default: the folder's name).
+
+        Raises:
+            HubUnreachableError: the Hub cannot be reached (no network, or offline mode); the message says how to
+                push later, as `model.push_to_hub`'s does.
+        """
+        with explain_unreachable_hub(self.args.hub_model_id or Path(self.args.output_dir).absolute().name):
+            return super().push_to_hub(*args, **kwargs)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         self.accelerator.unwrap_model(model if model is not None else self.model).load_trained_weights(
             resume_from_checkpoint
