@@ -1,5 +1,5 @@
-"""The `early-exit` command line: `info`, `agreement`, `train`, `report`, `calibrate`, `verify-calibration` and
-`generate`.
+"""The `early-exit` command line: `info`, `agreement`, `train`, `report`, `calibrate`, `verify-calibration`,
+`generate`, `push` and `bench` (the benchmarks of `early_exit_cli.benchmarks`).
 
 A package of its own, beside `early_exit` rather than inside it: importing `early_exit` loads torch and registers
 the model with `transformers` (seconds), and the arguments are parsed before any of that.

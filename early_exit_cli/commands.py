@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import tempfile
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -28,11 +31,54 @@ from .display import EXIT_COLORS, paint, token_texts, use_color
 SHIPPED_HEADS = Path(__file__).resolve().parents[1] / "adapters" / "SmolLM2-135M-Instruct-exits"
 
 
+def model_placement(args: argparse.Namespace) -> dict[str, Any]:
+    """The `from_pretrained` keyword arguments that `--device` and `--dtype` ask for (see
+    `parser.add_placement_arguments`); one not given is left out, so the library's default holds. A device that torch
+    does not know, or whose hardware this machine lacks, ends the command in one line."""
+    placement: dict[str, Any] = {}
+    if args.device:
+        try:
+            kind = torch.device(args.device).type
+        except RuntimeError as error:
+            raise SystemExit(
+                f"--device {args.device} is not a device torch knows; use e.g. cpu, cuda, cuda:1 or mps."
+            ) from error
+        available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+        if kind in available and not available[kind]():
+            raise SystemExit(f"--device {args.device}: this machine's torch has no {kind} device; use --device cpu.")
+        placement["device_map"] = args.device
+    if args.dtype:
+        placement["dtype"] = getattr(torch, args.dtype)
+    return placement
+
+
+def _new_heads(args: argparse.Namespace) -> dict[str, Any]:
+    """The `EarlyExitConfig` fields --head-type and --adapter-size set; those not given keep the library's default."""
+    fields = {"head_type": args.head_type, "adapter_size": args.adapter_size}
+    return {name: value for name, value in fields.items() if value is not None}
+
+
 def _load(args: argparse.Namespace) -> EarlyExitForCausalLM:
+    placement = model_placement(args)
     if args.heads:
-        return EarlyExitForCausalLM.from_pretrained(args.heads)
-    base = load_base_model(args.model or DEFAULT_MODEL_ID)
-    return add_exit_heads(base, args.exit_layers, head_type=args.head_type, adapter_size=args.adapter_size).eval()
+        given = [
+            option
+            for option, value in (
+                ("--model", args.model),
+                ("--exit-layers", args.exit_layers),
+                ("--head-type", args.head_type),
+                ("--adapter-size", args.adapter_size),
+            )
+            if value is not None
+        ]
+        if given:
+            raise SystemExit(
+                f"early-exit {args.command}: {', '.join(given)} describe new heads, but --heads loads saved ones; "
+                "give one or the other."
+            )
+        return EarlyExitForCausalLM.from_pretrained(args.heads, **placement).eval()
+    base = load_base_model(args.model or DEFAULT_MODEL_ID, **placement)
+    return add_exit_heads(base, args.exit_layers, **_new_heads(args)).eval()
 
 
 def _vocab_pruning(args: argparse.Namespace) -> VocabPruningConfig | None:
@@ -100,6 +146,7 @@ def agreement(args: argparse.Namespace) -> None:
     result = None
     for prompt in tqdm(prompts, desc="prompts", disable=None):
         encoded = tokenizer(format_prompt(prompt, tokenizer), return_tensors="pt", add_special_tokens=False)
+        encoded = encoded.to(model.device)
         with torch.no_grad():
             sequence = model.base.generate(
                 **encoded, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
@@ -142,7 +189,7 @@ def train(args: argparse.Namespace) -> None:
 
         targets = args.lora_targets or "all-linear"
         base = get_peft_model(base, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=targets))
-    model = add_exit_heads(base, args.exit_layers, head_type=args.head_type, adapter_size=args.adapter_size)
+    model = add_exit_heads(base, args.exit_layers, **_new_heads(args))
     corpus = {
         split: distillation_corpus(
             base, tokenizer, split, tokens, args.block_size, args.generation_tokens, files=files or ()
@@ -240,7 +287,7 @@ def report(args: argparse.Namespace) -> None:
     )
     from early_exit.training import held_out_agreement
 
-    first = EarlyExitForCausalLM.from_pretrained(args.heads[0])
+    first = EarlyExitForCausalLM.from_pretrained(args.heads[0], **model_placement(args))
     base, name = first.base, first.config.base_model_name_or_path
     tokenizer = load_base_tokenizer(name, first.config.base_model_revision)
     dataset = distillation_corpus(base, tokenizer, "eval", args.eval_tokens, args.block_size, args.generation_tokens)
@@ -298,7 +345,7 @@ def calibrate(args: argparse.Namespace) -> None:
     )
 
     check_writable(args.heads)  # the table is saved there: know now, not after the calibration
-    model = EarlyExitForCausalLM.from_pretrained(args.heads)
+    model = EarlyExitForCausalLM.from_pretrained(args.heads, **model_placement(args))
     _check_block_size(model.base, args.block_size)
     config = model.config
     tokenizer = _tokenizer(model)
@@ -373,7 +420,7 @@ def verify_calibration(args: argparse.Namespace) -> None:
     from early_exit.calibration import CalibrationTable, collect_exit_scores, evaluate_policy
     from early_exit.data.corpus import distillation_corpus
 
-    model = EarlyExitForCausalLM.from_pretrained(args.heads)
+    model = EarlyExitForCausalLM.from_pretrained(args.heads, **model_placement(args))
     tables = [
         CalibrationTable.from_dict(values) for values in (model.config.calibration or {}).get("tables", {}).values()
     ]
@@ -416,20 +463,31 @@ def verify_calibration(args: argparse.Namespace) -> None:
 def generate(args: argparse.Namespace) -> None:
     """Generate from prompts with early exits, printing each token coloured by (or marked with) the layer it left
     at, and where the time went; optionally plot a histogram of exit layers. With `--speculative`, print the text
-    (every token is the full model's) and how many drafts were accepted instead."""
+    (every token is the full model's) and how many drafts were accepted instead. With `--compare`, also run plain
+    `base.generate` on the same prompts, interleaved, and print both speeds, their ratio, and how many generated
+    tokens equal the full model's greedy token on the same prefix."""
     heads = args.heads or SHIPPED_HEADS
     if not args.heads and not SHIPPED_HEADS.is_dir():
-        raise SystemExit(f"No --heads given and the shipped heads are not at {SHIPPED_HEADS}.")
+        raise SystemExit(
+            f"early-exit generate: no --heads given and the shipped heads are not at {SHIPPED_HEADS}; give --heads "
+            "with a heads folder or Hub repo."
+        )
     pruning = _vocab_pruning(args)
     if args.no_pruning and pruning is not None:
         raise SystemExit("--no-pruning and --prune-top-k contradict each other; give one.")
     if args.speculative and args.plot:
-        raise SystemExit("--plot draws exit layers; with --speculative every token is the full model's.")
+        raise SystemExit(
+            "--plot draws exit layers; with --speculative every token is the full model's. Leave out one of them."
+        )
+    if args.compare and (args.sample or args.speculative):
+        raise SystemExit(
+            f"early-exit generate: --compare times greedy early-exit decoding against greedy generate, not "
+            f"{'--sample' if args.sample else '--speculative (see `early-exit bench speculative`)'}; give one of them."
+        )
     if args.prompt and not all(text.strip() for text in args.prompt):
         raise SystemExit("early-exit generate: a --prompt is empty; give the instruction's text, or no --prompt.")
     options = _decoding_options(args, pruning)  # checked before the model loads
-    placement = {"device_map": args.device, "dtype": getattr(torch, args.dtype) if args.dtype else None}
-    model = EarlyExitForCausalLM.from_pretrained(heads, **placement).eval()
+    model = EarlyExitForCausalLM.from_pretrained(heads, **model_placement(args)).eval()
     tokenizer = _tokenizer(model)
     num_layers = model.num_layers
     if options.full_depth and model.config.calibration:
@@ -452,25 +510,47 @@ def generate(args: argparse.Namespace) -> None:
         print(f"token[layer]: the layer whose logits chose the token ({num_layers} = full depth)")
     torch.manual_seed(args.seed)
     sampling = {"temperature": args.temperature, "top_p": args.top_p} if args.sample else {}
+    batches = [
+        tokenizer(format_prompt(prompt, tokenizer), return_tensors="pt", add_special_tokens=False).to(model.device)
+        for prompt in prompts
+    ]
+    if args.compare:
+        from .benchmarks import generate as benchmark
+
+        print(
+            f"--compare: plain base.generate runs the same prompts, interleaved with these runs; both greedy, exactly "
+            f"{args.max_new_tokens} new tokens each (end of text suppressed), timed after an untimed warm-up"
+        )
+        runs = {
+            "early exit": partial(
+                model.generate, exit_config=options, return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id
+            ),
+            "base.generate": partial(model.base.generate, pad_token_id=tokenizer.pad_token_id),
+        }
+        benchmark.timed(runs, batches[:1], 2)  # packs the decoding kernels and warms both up
+        compared = benchmark.timed(runs, batches, args.max_new_tokens)
+        end_of_text = benchmark.eos_token_ids(model)
+        agreed = total = 0
     all_exits: list[int] = []
-    for number, prompt in enumerate(prompts, 1):
-        encoded = tokenizer(format_prompt(prompt, tokenizer), return_tensors="pt", add_special_tokens=False)
-        encoded = encoded.to(model.device)
-        started = time.perf_counter()
-        try:
-            with torch.no_grad():
-                output = model.generate(
-                    **encoded,
-                    max_new_tokens=args.max_new_tokens,
-                    return_dict_in_generate=True,
-                    pad_token_id=tokenizer.pad_token_id,
-                    exit_config=options,
-                    do_sample=args.sample,
-                    **sampling,
-                )
-        except EarlyExitError as error:
-            raise SystemExit(str(error)) from error
-        seconds = time.perf_counter() - started
+    for number, (prompt, encoded) in enumerate(zip(prompts, batches), 1):
+        if args.compare:
+            output = compared["early exit"][1][number - 1]
+        else:
+            started = time.perf_counter()
+            try:
+                with torch.no_grad():
+                    output = model.generate(
+                        **encoded,
+                        max_new_tokens=args.max_new_tokens,
+                        return_dict_in_generate=True,
+                        pad_token_id=tokenizer.pad_token_id,
+                        exit_config=options,
+                        do_sample=args.sample,
+                        **sampling,
+                    )
+            except EarlyExitError as error:
+                raise SystemExit(str(error)) from error
+            seconds = time.perf_counter() - started
         new_ids = output.sequences[0, encoded["input_ids"].shape[1] :].tolist()
         if args.speculative:
             print(f"\n--- prompt {number}: {prompt['text']}\n{tokenizer.decode(new_ids)}\n")
@@ -489,13 +569,26 @@ def generate(args: argparse.Namespace) -> None:
         print(f"\n--- prompt {number}: {prompt['text']}\n{generated}\n")
         tokens = len(new_ids)
         all_exits += exits
+        summary = (
+            f"{tokens} tokens, mean exit layer {sum(exits) / max(tokens, 1):.1f} of {num_layers}, mean layers run "
+            f"{output.layers_run.float().mean().item():.1f}"
+        )
+        if args.compare:
+            counts = benchmark.agreement(model, encoded, output.sequences, end_of_text)
+            agreed, total = agreed + counts[0], total + counts[1]
+            print(f"{summary}, {counts[0]} of {counts[1]} equal to the full model's greedy token")
+            continue
         timed = {"layers": output.layer_seconds, "heads": output.head_seconds, "cache fill": output.fill_seconds}
         split = ", ".join(f"{name} {value:.3f} s ({100 * value / seconds:.0f}%)" for name, value in timed.items())
-        print(
-            f"{tokens} tokens, mean exit layer {sum(exits) / max(tokens, 1):.1f} of {num_layers}, mean layers run "
-            f"{output.layers_run.float().mean().item():.1f}, {tokens / seconds:.1f} tokens/s"
-        )
+        print(f"{summary}, {tokens / seconds:.1f} tokens/s")
         print(f"time {seconds:.3f} s: {split}, other {seconds - sum(timed.values()):.3f} s")
+    if args.compare:
+        (speed, _), (base_speed, _) = compared["early exit"], compared["base.generate"]
+        print(
+            f"\nearly exit {speed:.1f} tokens/s, plain base.generate {base_speed:.1f} tokens/s: "
+            f"{speed / base_speed:.2f}x; {100 * agreed / total:.1f}% of {total} generated tokens equal the full "
+            "model's greedy token on the same prefix"
+        )
     if args.plot:
         from early_exit.reporting import plot_exit_layer_histogram
 
@@ -511,6 +604,37 @@ def generate(args: argparse.Namespace) -> None:
         print(f"histogram written to {plot}")
 
 
+def push(args: argparse.Namespace) -> None:
+    """Upload a heads folder's config, weights, model card and tokenizer to a Hub repository, creating it if
+    needed, and print the commit's URL. Where the Hub cannot be reached, `main` ends the command with the library's
+    `HubUnreachableError` in one line; where it refuses the push (a token without write access), so does this."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from early_exit.hub import upload_heads
+
+    try:
+        url = upload_heads(
+            args.heads,
+            args.repo_id,
+            private=True if args.private else None,
+            token=args.token,
+            commit_message=args.commit_message,
+        )
+    except HfHubHTTPError as error:
+        reason = str(error).splitlines()[0]
+        raise SystemExit(
+            f"early-exit push: the Hub refused the push to {args.repo_id} ({reason}); check that the token (--token, "
+            "or `hf auth login`) may write there."
+        ) from error
+    print(f"heads pushed to {args.repo_id}: {url}")
+
+
+def bench(args: argparse.Namespace) -> None:
+    """Run a benchmark of `early_exit_cli.benchmarks` with the options given after its name."""
+    module = importlib.import_module(f"early_exit_cli.benchmarks.{args.benchmark}")
+    module.main(args.bench_argv, prog=f"early-exit bench {args.benchmark}")
+
+
 #: Subcommand name -> the function that runs it.
 COMMANDS = {
     "info": info,
@@ -520,4 +644,6 @@ COMMANDS = {
     "calibrate": calibrate,
     "verify-calibration": verify_calibration,
     "generate": generate,
+    "push": push,
+    "bench": bench,
 }

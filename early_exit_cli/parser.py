@@ -9,11 +9,19 @@ and the library decides and validates, so the two can never drift apart.
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.metadata
 from pathlib import Path
 
 #: The weight dtypes `--dtype` offers (names of torch dtypes).
 DTYPES = ("float32", "bfloat16", "float16")
+
+#: `early-exit bench` NAME -> what it measures; each is the module `early_exit_cli.benchmarks.NAME`.
+BENCHMARKS = {
+    "generate": "early-exit generation against plain generate: speed ratio and agreement by level, batch sizes",
+    "speculative": "self-speculative decoding (DSSD) against plain generate, assistant_early_exit and fixed drafters",
+    "kernels": "passes of a few positions through the default model's decoder: stock against packed matmuls",
+}
 
 
 def _exit_layer(text: str) -> int | float:
@@ -21,10 +29,42 @@ def _exit_layer(text: str) -> int | float:
     return int(value) if value.is_integer() else value
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def _whole_number(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise argparse.ArgumentTypeError(f"must be a whole number of {minimum} or more, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a count of tokens, prompts, steps)."""
+    return _whole_number(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: a whole number of at least 0 (where 0 turns something off)."""
+    return _whole_number(text, 0)
+
+
+def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--device` and `--dtype`, for every command that loads a model (read by `commands.model_placement`)."""
+    parser.add_argument("--device", help="where to run the model, e.g. cpu, cuda, cuda:1, mps (default: cpu)")
     parser.add_argument(
-        "--heads", help="a heads folder or Hub repo to load; without it, new untrained heads are attached"
+        "--dtype", choices=DTYPES, help="dtype to load the weights in (default: the base model's, as saved)"
     )
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, saved_heads: bool = True) -> None:
+    """The model a command runs: saved heads (with `saved_heads`), or new untrained heads on a base model."""
+    if saved_heads:
+        parser.add_argument(
+            "--heads",
+            help="a heads folder or Hub repo to load; without it, new untrained heads are attached as the options "
+            "below say",
+        )
     parser.add_argument(
         "--model", help="base model for new heads (default: the library's default model, SmolLM2-135M-Instruct)"
     )
@@ -36,9 +76,31 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="layer numbers or fractions of depth for new heads (default: a quarter, half and three quarters)",
     )
     parser.add_argument(
-        "--head-type", default="residual_adapter", help="head type for new heads (default residual_adapter)"
+        "--head-type",
+        help="head type for new heads, a name in early_exit.HEAD_TYPES, e.g. linear or attention (default: the "
+        "library's, residual_adapter)",
     )
-    parser.add_argument("--adapter-size", type=int, help="bottleneck width of residual adapter heads")
+    parser.add_argument(
+        "--adapter-size",
+        type=positive_int,
+        help="bottleneck width of residual adapter heads (default: the base model's hidden size)",
+    )
+
+
+class _BenchmarkParser(argparse.ArgumentParser):
+    """Stands in for one benchmark's parser under `early-exit bench`: the benchmark's own `build_parser()` parses,
+    imported only when the benchmark is named (the benchmarks load torch; `early-exit --help` must not)."""
+
+    def __init__(self, *args, benchmark: str, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.benchmark = benchmark
+
+    def parse_known_args(self, args=None, namespace=None):
+        """Parse with the benchmark's own parser, keeping the arguments as given in `bench_argv`."""
+        module = importlib.import_module(f"early_exit_cli.benchmarks.{self.benchmark}")
+        parsed, rest = module.build_parser(prog=self.prog).parse_known_args(args, namespace)
+        parsed.bench_argv = list(args)  # the benchmark's `main` takes them as given
+        return parsed, rest
 
 
 def _add_pruning_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,63 +124,96 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="show a model's layers, exits and head sizes")
     _add_model_arguments(info)
+    add_placement_arguments(info)
     agreement = commands.add_parser(
         "agreement", help="each exit's top-1 agreement with the final layer on the project's prompts"
     )
     _add_model_arguments(agreement)
-    agreement.add_argument("--prompts", type=int, default=8, help="how many prompts to use (default 8)")
-    agreement.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt")
+    add_placement_arguments(agreement)
+    agreement.add_argument("--prompts", type=positive_int, default=8, help="how many prompts to use (default 8)")
+    agreement.add_argument(
+        "--max-new-tokens", type=positive_int, default=32, help="tokens to generate per prompt (default 32)"
+    )
 
     train = commands.add_parser("train", help="train exit heads on the model's own predictions")
-    _add_model_arguments(train)
+    _add_model_arguments(train, saved_heads=False)
     train.add_argument("--output", type=Path, required=True, help="heads folder to write")
     train.add_argument("--train-files", nargs="+", type=Path, help="your own training text (default: built in)")
     train.add_argument("--eval-files", nargs="+", type=Path, help="your own held-out text (default: built in)")
-    train.add_argument("--train-tokens", type=int, default=60_000, help="training tokens (default 60000)")
-    train.add_argument("--eval-tokens", type=int, default=8_000, help="held-out tokens (default 8000)")
-    train.add_argument("--block-size", type=int, default=512, help="tokens per training sequence (default 512)")
+    train.add_argument("--train-tokens", type=positive_int, default=60_000, help="training tokens (default 60000)")
+    train.add_argument("--eval-tokens", type=positive_int, default=8_000, help="held-out tokens (default 8000)")
     train.add_argument(
-        "--generation-tokens", type=int, default=96, help="tokens the model generates per prompt (0: no generations)"
+        "--block-size", type=positive_int, default=512, help="tokens per training sequence (default 512)"
+    )
+    train.add_argument(
+        "--generation-tokens",
+        type=non_negative_int,
+        default=96,
+        help="tokens the model generates per prompt (default 96; 0: no generations)",
     )
     train.add_argument("--epochs", type=float, default=3.0, help="passes over the training text (default 3)")
-    train.add_argument("--batch-size", type=int, default=1, help="sequences per step (default 1)")
-    train.add_argument("--gradient-accumulation", type=int, default=4, help="steps per optimizer update (default 4)")
+    train.add_argument("--batch-size", type=positive_int, default=1, help="sequences per step (default 1)")
+    train.add_argument(
+        "--gradient-accumulation", type=positive_int, default=4, help="steps per optimizer update (default 4)"
+    )
     train.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
-    train.add_argument("--warmup-steps", type=int, default=10, help="linear warm-up steps (default 10)")
-    train.add_argument("--exit-weighting", default="uniform", help="uniform, linear, or comma-separated weights")
+    train.add_argument("--warmup-steps", type=non_negative_int, default=10, help="linear warm-up steps (default 10)")
+    train.add_argument(
+        "--exit-weighting",
+        default="uniform",
+        help="per-exit loss weights: uniform (default), linear (in depth), or comma-separated numbers",
+    )
     train.add_argument("--temperature", type=float, default=1.0, help="distillation temperature (default 1)")
-    train.add_argument("--top-k", type=int, help="keep only the teacher's k most likely tokens")
+    train.add_argument(
+        "--top-k", type=positive_int, help="keep only the teacher's k most likely tokens (default: all of them)"
+    )
     train.add_argument(
         "--cache-hidden-states", action="store_true", help="run the frozen base once, then train from the cache"
     )
     train.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fast on CPUs with AVX512-BF16)")
-    train.add_argument("--lora-rank", type=int, default=0, help="joint LoRA tuning of the base (0: frozen)")
+    train.add_argument(
+        "--lora-rank", type=non_negative_int, default=0, help="joint LoRA tuning of the base (default 0: frozen)"
+    )
     train.add_argument("--lora-targets", nargs="+", help="modules LoRA adapts (default: all linear layers)")
-    train.add_argument("--checkpoint-dir", help="save Trainer checkpoints here after each epoch")
-    train.add_argument("--resume", action="store_true", help="resume from the last checkpoint there")
+    train.add_argument(
+        "--checkpoint-dir", help="save Trainer checkpoints here after each epoch (default: none are saved)"
+    )
+    train.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --checkpoint-dir")
     train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
     report = commands.add_parser("report", help="held-out agreement of heads folders vs the logit lens")
     report.add_argument("--heads", nargs="+", required=True, help="heads folders (same base model)")
     report.add_argument("--output", type=Path, required=True, help="Markdown file to write (plot beside it)")
-    report.add_argument("--eval-tokens", type=int, default=8_000, help="held-out tokens (default 8000)")
-    report.add_argument("--block-size", type=int, default=512, help="tokens per sequence (default 512)")
-    report.add_argument("--generation-tokens", type=int, default=96, help="tokens generated per prompt (default 96)")
+    report.add_argument("--eval-tokens", type=positive_int, default=8_000, help="held-out tokens (default 8000)")
+    report.add_argument("--block-size", type=positive_int, default=512, help="tokens per sequence (default 512)")
+    report.add_argument(
+        "--generation-tokens", type=non_negative_int, default=96, help="tokens generated per prompt (default 96)"
+    )
     report.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    add_placement_arguments(report)
 
     calibrate = commands.add_parser("calibrate", help="calibrate exit thresholds for accuracy levels")
     calibrate.add_argument("--heads", required=True, help="heads folder; the table is saved into its config")
     calibrate.add_argument(
-        "--metrics", nargs="+", default=["entropy", "max_prob", "margin"], help="confidence metrics to calibrate"
+        "--metrics",
+        nargs="+",
+        default=["entropy", "max_prob", "margin"],
+        help="confidence metrics to calibrate (default: entropy max_prob margin)",
     )
     calibrate.add_argument(
-        "--levels", nargs="+", type=float, default=[0.8, 0.9, 0.95, 0.99], help="accuracy levels to calibrate"
+        "--levels",
+        nargs="+",
+        type=float,
+        default=[0.8, 0.9, 0.95, 0.99],
+        help="accuracy levels to calibrate (default: 0.8 0.9 0.95 0.99)",
     )
     calibrate.add_argument(
-        "--method", choices=["ltt", "empirical"], default="ltt", help="ltt (guaranteed) or empirical"
+        "--method", choices=["ltt", "empirical"], default="ltt", help="ltt (guaranteed, default) or empirical"
     )
-    calibrate.add_argument("--delta", type=float, default=0.1, help="chance the guarantee may fail (ltt)")
-    calibrate.add_argument("--report", help="Markdown report to write (plots beside it)")
+    calibrate.add_argument(
+        "--delta", type=float, default=0.1, help="chance the guarantee may fail, with ltt (default 0.1)"
+    )
+    calibrate.add_argument("--report", help="Markdown report to write, plots beside it (default: none)")
     calibrate.add_argument(
         "--by-depth",
         action="store_true",
@@ -129,10 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify-calibration", help="measure calibrated levels on held-out text")
     verify.add_argument("--heads", required=True, help="a calibrated heads folder")
     for command in (calibrate, verify):
-        command.add_argument("--tokens", type=int, default=32_000, help="tokens to score (default 32000)")
-        command.add_argument("--block-size", type=int, default=512, help="tokens per sequence (default 512)")
-        command.add_argument("--generation-tokens", type=int, default=96, help="tokens generated per prompt")
+        command.add_argument("--tokens", type=positive_int, default=32_000, help="tokens to score (default 32000)")
+        command.add_argument("--block-size", type=positive_int, default=512, help="tokens per sequence (default 512)")
+        command.add_argument(
+            "--generation-tokens", type=non_negative_int, default=96, help="tokens generated per prompt (default 96)"
+        )
         command.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+        add_placement_arguments(command)
 
     generate = commands.add_parser("generate", help="generate with early exits, tokens coloured by exit layer")
     generate.add_argument(
@@ -144,11 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="an instruction (chat template applied when the tokenizer has one); repeat for several "
         "(default: the first 2 eval prompts)",
     )
-    generate.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
-    generate.add_argument("--device", help="where to run the model, e.g. cpu, cuda, cuda:1, mps (default: cpu)")
-    generate.add_argument(
-        "--dtype", choices=DTYPES, help="dtype to load the weights in (default: the base model's, as saved)"
-    )
+    generate.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate (default 64)")
+    add_placement_arguments(generate)
     policy = generate.add_mutually_exclusive_group()
     policy.add_argument(
         "--level",
@@ -157,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     policy.add_argument("--thresholds", nargs="+", type=float, help="explicit thresholds, one per exit (inf: never)")
     generate.add_argument("--metric", help="confidence metric (default: the calibration's, else max_prob)")
-    generate.add_argument("--min-exit-layer", type=int, help="exits before this layer never emit")
+    generate.add_argument(
+        "--min-exit-layer", type=positive_int, help="exits before this layer never emit (default: every exit may)"
+    )
     generate.add_argument(
         "--kv-strategy",
         default="deferred",
@@ -170,19 +267,50 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="self-speculative decoding (DSSD): exits draft, the full model verifies; output is the full model's",
     )
-    generate.add_argument("--max-draft-tokens", type=int, help="with --speculative: most drafts per verification")
+    generate.add_argument(
+        "--max-draft-tokens",
+        type=non_negative_int,
+        help="with --speculative: most drafts per verification (default: the library's, 8)",
+    )
     generate.add_argument(
         "--kernels",
         default="packed",
         help="matmul forms of the decoding loop: packed (default, fastest; a packed copy of the weights), unpacked "
         "(no extra memory) or stock (as the base model runs)",
     )
+    generate.add_argument(
+        "--compare",
+        action="store_true",
+        help="also run plain base.generate on the same prompts, interleaved with the early-exit runs (greedy, "
+        "exactly --max-new-tokens each, after an untimed warm-up), and print both speeds, their ratio and the share "
+        "of tokens equal to the full model's greedy token on the same prefix",
+    )
     generate.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     generate.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
     generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1)")
     generate.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
-    generate.add_argument("--plot", type=Path, help="write a PNG histogram of exit layers here")
+    generate.add_argument("--plot", type=Path, help="write a PNG histogram of exit layers here (default: none)")
     generate.add_argument(
         "--no-color", action="store_true", help="mark tokens as token[layer] instead of colouring (also: NO_COLOR)"
     )
+
+    push = commands.add_parser("push", help="upload a heads folder to the Hugging Face Hub")
+    push.add_argument("--heads", type=Path, required=True, help="the heads folder to upload (as train writes it)")
+    push.add_argument("--repo-id", required=True, help="the Hub repository, e.g. your-name/SmolLM2-135M-Instruct-exits")
+    push.add_argument(
+        "--private",
+        action="store_true",
+        help="create the repository private (default: public; an existing one keeps its visibility)",
+    )
+    push.add_argument("--token", help="a Hub token with write access (default: the one `hf auth login` saved)")
+    push.add_argument("--commit-message", help='the commit\'s message (default: "Upload early-exit heads")')
+
+    bench = commands.add_parser(
+        "bench", help="benchmarks of speed and agreement, each writing a Markdown report (as examples/benchmark_*.py)"
+    )
+    benchmarks = bench.add_subparsers(
+        dest="benchmark", required=True, metavar="BENCHMARK", parser_class=_BenchmarkParser
+    )
+    for name, summary in BENCHMARKS.items():
+        benchmarks.add_parser(name, help=summary, benchmark=name)
     return parser

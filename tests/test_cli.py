@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import importlib
+import inspect
+import io
 import re
+import subprocess
+import sys
+import types
+from pathlib import Path
 
 import pytest
+import torch
+from huggingface_hub.errors import HfHubHTTPError
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tiny_models import STORIES260K, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import early_exit
-from early_exit_cli import main
+from early_exit import hub
+from early_exit_cli import commands, main
+from early_exit_cli.parser import BENCHMARKS, DTYPES, build_parser
 
 
 def test_info_prints_every_exit_and_the_head_share(tmp_path, capsys):
@@ -122,3 +137,203 @@ def test_calibrate_stores_a_table_that_verify_measures_on_held_out_text(tmp_path
     rows = re.findall(r"^(\w+)\s+([\d.]+)\s+([\d.]+)%\s+([\d.]+)\s+(yes|NO)$", capsys.readouterr().out, re.MULTILINE)
     assert len(rows) == 6
     assert all(float(agreement) >= 100 * float(level) for _, level, agreement, _, _ in rows)
+
+
+def _parsers() -> dict[str, argparse.ArgumentParser]:
+    """Every parser of the command line by its prog, the benchmarks' own included (`bench` loads them by name)."""
+    found, pending = {}, [build_parser()]
+    while pending:
+        parser = pending.pop()
+        found[parser.prog] = parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                assert all(choice.help for choice in action._choices_actions), parser.prog
+                pending.extend(action.choices.values())
+    for name in BENCHMARKS:
+        prog = f"early-exit bench {name}"
+        found[prog] = importlib.import_module(f"early_exit_cli.benchmarks.{name}").build_parser(prog)
+    return found
+
+
+def _option(prog: str, flag: str) -> argparse.Action:
+    return next(action for action in _parsers()[prog]._actions if flag in action.option_strings)
+
+
+def test_every_option_of_every_command_has_help_that_gives_its_default():
+    parsers = _parsers()
+    assert {"early-exit push", "early-exit bench generate", "early-exit bench kernels"} <= set(parsers)
+    for prog, parser in parsers.items():
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction | argparse._VersionAction | argparse._SubParsersAction):
+                continue
+            where = f"{prog} {action.option_strings or action.dest}"
+            assert action.help and action.help != argparse.SUPPRESS, f"{where} has no help"
+            if action.default not in (None, False, [], argparse.SUPPRESS):
+                values = action.default if isinstance(action.default, list) else [action.default]
+                assert all(_states_default(action.help, value) for value in values), f"{where}: {action.help}"
+
+
+def _states_default(text: str, value: object) -> bool:
+    """Whether the help `text` says "(default ...)" with `value` in it (a path by its last two parts), or marks a
+    choice "value (default)"."""
+    if isinstance(value, str) and re.search(rf"\b{re.escape(value)} \([^)]*default", text):
+        return True
+    stated = re.search(r"default:? ([^;)]+)", text)
+    if stated is None:
+        return False
+    if isinstance(value, str):
+        return value in stated.group(1) or "/".join(Path(value).parts[-2:]) in stated.group(1)
+    return any(_number(word) == float(value) for word in re.findall(r"[\w.+-]+", stated.group(1)))
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def test_defaults_the_command_line_states_are_the_librarys():
+    from early_exit.calibration import DEFAULT_LEVELS, calibrate_table
+    from early_exit.data.corpus import distillation_corpus
+    from early_exit.generation import DEFAULT_MAX_DRAFT_TOKENS, ExitDecodingConfig
+    from early_exit.training import EarlyExitTrainingArguments
+
+    decoding, training = ExitDecodingConfig(), EarlyExitTrainingArguments("unused")
+    corpus, calibration = inspect.signature(distillation_corpus).parameters, inspect.signature(calibrate_table)
+    assert _option("early-exit generate", "--kv-strategy").default == decoding.kv_strategy
+    assert _option("early-exit generate", "--kernels").default == decoding.kernels
+    assert _option("early-exit bench generate", "--kernels").default == decoding.kernels
+    assert (
+        f"default: the library's, {DEFAULT_MAX_DRAFT_TOKENS})"
+        in _option("early-exit generate", "--max-draft-tokens").help
+    )
+    assert _option("early-exit bench speculative", "--max-draft-tokens").default == DEFAULT_MAX_DRAFT_TOKENS
+    head_type = _option("early-exit info", "--head-type")
+    assert head_type.default is None and f"library's, {early_exit.EarlyExitConfig().head_type})" in head_type.help
+    assert set(re.search(r"e\.g\. (\w+) or (\w+)", head_type.help).groups()) <= set(early_exit.HEAD_TYPES)
+    assert _option("early-exit calibrate", "--levels").default == list(DEFAULT_LEVELS)
+    assert _option("early-exit calibrate", "--delta").default == calibration.parameters["delta"].default
+    assert _option("early-exit calibrate", "--method").default == calibration.parameters["method"].default
+    for command in ("train", "report", "calibrate", "verify-calibration"):
+        for flag, parameter in (("--block-size", "block_size"), ("--generation-tokens", "generation_tokens")):
+            assert _option(f"early-exit {command}", flag).default == corpus[parameter].default, (command, flag)
+    assert _option("early-exit train", "--temperature").default == training.distillation_temperature
+    assert _option("early-exit train", "--exit-weighting").default == training.exit_weighting
+    assert _option("early-exit train", "--top-k").default == training.distillation_top_k
+
+
+@pytest.mark.parametrize(
+    "prog",
+    [
+        f"early-exit {command}"
+        for command in ("info", "agreement", "report", "calibrate", "verify-calibration", "generate")
+    ]
+    + ["early-exit bench generate", "early-exit bench speculative"],
+)
+def test_every_command_that_loads_a_model_takes_a_device_and_a_dtype(prog):
+    device, dtype = _option(prog, "--device"), _option(prog, "--dtype")
+    assert device.default is None and dtype.default is None  # left to the library: cpu, the weights' own dtype
+    assert dtype.choices == DTYPES
+
+
+def test_the_model_loads_where_and_as_asked_and_bad_devices_are_named(tmp_path, capsys, monkeypatch):
+    early_exit.add_exit_heads(AutoModelForCausalLM.from_pretrained(STORIES260K), [2]).save_pretrained(tmp_path / "h")
+    loaded = []
+    load = early_exit.EarlyExitForCausalLM.from_pretrained.__func__
+    monkeypatch.setattr(
+        early_exit.EarlyExitForCausalLM,
+        "from_pretrained",
+        classmethod(lambda cls, *args, **kwargs: loaded.append(load(cls, *args, **kwargs)) or loaded[-1]),
+    )
+    main(["info", "--heads", str(tmp_path / "h"), "--dtype", "bfloat16", "--device", "cpu"])
+    (model,) = loaded
+    assert model.base.dtype == torch.bfloat16 and next(model.exit_heads["2"].parameters()).dtype == torch.bfloat16
+    with pytest.raises(SystemExit, match=r"^--device gpu is not a device torch knows; use e\.g\. cpu, cuda"):
+        main(["info", "--heads", str(tmp_path / "h"), "--device", "gpu"])
+    if not torch.cuda.is_available():
+        with pytest.raises(
+            SystemExit, match=r"^--device cuda:1: this machine's torch has no cuda device; use --device cpu"
+        ):
+            main(["info", "--heads", str(tmp_path / "h"), "--device", "cuda:1"])
+
+
+def test_agreement_runs_in_the_dtype_asked_for(capsys, monkeypatch):
+    dtypes = []
+    measure = commands.measure_agreement
+    monkeypatch.setattr(
+        commands,
+        "measure_agreement",
+        lambda model, *args, **kw: dtypes.append(model.dtype) or measure(model, *args, **kw),
+    )
+    main(["agreement", "--model", str(STORIES260K), "--prompts", "1", "--max-new-tokens", "3", "--dtype", "bfloat16"])
+    assert dtypes == [torch.bfloat16]
+    assert "3 generated tokens" in capsys.readouterr().out
+
+
+def test_options_for_new_heads_beside_saved_heads_are_refused(tmp_path):
+    with pytest.raises(SystemExit, match=r"^early-exit info: --model, --adapter-size describe new heads, but --heads"):
+        main(["info", "--heads", str(tmp_path), "--model", str(STORIES260K), "--adapter-size", "8"])
+
+
+@settings(max_examples=25, deadline=None)
+@given(count=st.integers(-3, 3), flag=st.sampled_from(["--prompts", "--max-new-tokens"]))
+def test_counts_below_one_are_refused_in_one_line_naming_the_option(count, flag):
+    if count >= 1:
+        assert getattr(build_parser().parse_args(["agreement", flag, str(count)]), flag[2:].replace("-", "_")) == count
+        return
+    errors = io.StringIO()
+    with contextlib.redirect_stderr(errors), pytest.raises(SystemExit) as exit_status:
+        build_parser().parse_args(["agreement", flag, str(count)])
+    assert exit_status.value.code == 2
+    assert errors.getvalue().splitlines()[-1] == (
+        f"early-exit agreement: error: argument {flag}: must be a whole number of 1 or more, got '{count}'"
+    )
+
+
+def test_push_offline_ends_in_one_line(tmp_path):
+    early_exit.add_exit_heads(AutoModelForCausalLM.from_pretrained(STORIES260K), [2]).save_pretrained(tmp_path / "h")
+    with pytest.raises(SystemExit) as exit_status:  # the suite runs with HF_HUB_OFFLINE=1
+        main(["push", "--heads", str(tmp_path / "h"), "--repo-id", "someone/tiny-exits"])
+    message = exit_status.value.code
+    assert isinstance(message, str) and "\n" not in message  # printed on stderr, exit status 1
+    assert message.startswith("early-exit push: Could not push the heads to someone/tiny-exits: the Hugging Face Hub")
+    with pytest.raises(SystemExit, match=r"^early-exit push: Cannot push .*config\.json is missing"):
+        main(["push", "--heads", str(tmp_path / "nothing"), "--repo-id", "someone/tiny-exits"])
+
+
+def test_push_passes_its_options_and_names_a_refusal(tmp_path, capsys, monkeypatch):
+    calls = []
+    monkeypatch.setattr(hub, "upload_heads", lambda *args, **kwargs: calls.append((args, kwargs)) or "https://c/1")
+    main(["push", "--heads", str(tmp_path), "--repo-id", "me/x", "--private", "--token", "t", "--commit-message", "m"])
+    assert calls == [((tmp_path, "me/x"), {"private": True, "token": "t", "commit_message": "m"})]
+    assert capsys.readouterr().out == "heads pushed to me/x: https://c/1\n"
+    main(["push", "--heads", str(tmp_path), "--repo-id", "me/x"])
+    assert calls[-1][1] == {"private": None, "token": None, "commit_message": None}  # the library's defaults
+
+    def refuse(*args, **kwargs):
+        response = types.SimpleNamespace(headers={}, request=None)  # what the error reads of an HTTP response
+        message = "401 Client Error: Unauthorized for url: https://huggingface.co/api/repos/create\nmore"
+        raise HfHubHTTPError(message, response=response)
+
+    monkeypatch.setattr(hub, "upload_heads", refuse)
+    with pytest.raises(SystemExit) as exit_status:
+        main(["push", "--heads", str(tmp_path), "--repo-id", "me/x"])
+    assert exit_status.value.code == (
+        "early-exit push: the Hub refused the push to me/x (401 Client Error: Unauthorized for url: "
+        "https://huggingface.co/api/repos/create); check that the token (--token, or `hf auth login`) may write there."
+    )
+
+
+def test_help_of_push_and_bench_loads_no_torch():
+    code = (
+        "import sys\nfrom early_exit_cli import main\n"
+        "for argv in (['--help'], ['push', '--help'], ['bench', '--help']):\n"
+        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+        "print('torch' in sys.modules, 'transformers' in sys.modules, 'early_exit' in sys.modules)"
+    )
+    printed = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=Path(__file__).parents[1]
+    ).stdout
+    assert "--repo-id" in printed and "speculative" in printed
+    assert printed.splitlines()[-1] == "False False False"

@@ -13,6 +13,16 @@ import early_exit
 from early_exit_cli import main
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread while these tests run: decoding's many tiny matmuls slow down tenfold when two threads
+    compete with other processes for the machine's cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def heads(tmp_path):
     """An untrained, uncalibrated heads folder with exits after layers 1, 2 and 3 of the 5."""
@@ -114,3 +124,29 @@ def test_speculative_options_that_do_not_fit_are_refused(heads):
         _generate(heads, 4, "--max-draft-tokens", "3")
     with pytest.raises(SystemExit, match="kv_strategy='deferred'"):
         _generate(heads, 4, "--speculative", "--kv-strategy", "propagate", "--thresholds", "0.5", "0.5", "0.5")
+
+
+def test_compare_runs_plain_generate_beside_and_counts_tokens_equal_to_the_full_models(heads, capsys):
+    _generate(heads, 6, "--compare", "--no-color")
+    printed = capsys.readouterr().out
+    assert _markers(printed) == ["5"] * 6
+    assert re.search(r"mean layers run 5\.0, 6 of 6 equal to the full model's greedy token$", printed, re.M)
+    summary = r"^early exit ([\d.]+) tokens/s, plain base\.generate ([\d.]+) tokens/s: ([\d.]+)x; ([\d.]+)% of (\d+) "
+    speed, base, ratio, share, total = re.search(summary, printed, re.M).groups()
+    assert float(ratio) == pytest.approx(float(speed) / float(base), rel=0.01, abs=0.006)
+    assert (share, total) == ("100.0", "6")  # at full depth every token is the full model's greedy token
+
+    _generate(heads, 6, "--compare", "--no-color", "--thresholds", "0.0", "0.0", "0.0", "--prompt", "The little dog")
+    printed = capsys.readouterr().out
+    assert _markers(printed) == ["5"] + ["1"] * 5
+    counts = [tuple(map(int, pair)) for pair in re.findall(r"(\d+) of (\d+) equal to the full model's", printed)]
+    assert len(counts) == 2 and all(agreed <= total == 6 for agreed, total in counts)
+    share, total = re.search(summary, printed, re.M).groups()[3:]
+    assert (float(share), int(total)) == (pytest.approx(100 * sum(a for a, _ in counts) / 12, abs=0.05), 12)
+
+
+def test_compare_refuses_what_it_cannot_measure(heads):
+    with pytest.raises(SystemExit, match=r"^early-exit generate: --compare times greedy .* not --sample; give one"):
+        _generate(heads, 4, "--compare", "--sample")
+    with pytest.raises(SystemExit, match="not --speculative .*early-exit bench speculative"):
+        _generate(heads, 4, "--compare", "--speculative")
