@@ -205,7 +205,18 @@ def _table_summary(table: CalibrationTable) -> str:
     if pruning is not None:
         pruned = f"vocabulary pruned to top {'-'.join(map(str, pruning.schedule))}"
     costs = "; thresholds chosen with measured per-layer and per-head costs" if table.costs else ""
+    on_policy = ""
+    if table.on_policy:
+        rounds = ", ".join(
+            f"{level}: {record['rounds']} round(s), {'settled' if record['settled'] else 'not settled'}"
+            for level, record in table.on_policy.items()
+        )
+        on_policy = (
+            ". Calibrated on policy: the tokens are the heads' own greedy generations at each level (generate, "
+            f"score, recalibrate until the thresholds settle; {rounds}), so agreement is as measured in free "
+            "generation from the calibration prompts"
+        )
     return (
         f"Confidence metric `{table.metric}`, {pruned}, {table.tokens:,} calibration tokens (data hash "
-        f"`{table.data_hash}`); {method}{costs}."
+        f"`{table.data_hash}`); {method}{costs}{on_policy}."
     )

@@ -121,6 +121,22 @@ def _tokenizer(model: EarlyExitForCausalLM) -> PreTrainedTokenizerBase:
     return model.base_tokenizer()
 
 
+def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompts_file: str | None, split: str) -> list[torch.LongTensor]:
+    """Token ids of the prompts to generate from: each line of `prompts_file` as an instruction, or the project's
+    prompts of `split`."""
+    if prompts_file is None:
+        prompts = load_prompts(split)
+    else:
+        lines = Path(prompts_file).read_text(encoding="utf-8").splitlines()
+        prompts = [{"kind": "instruction", "text": line.strip()} for line in lines if line.strip()]
+        if not prompts:
+            raise SystemExit(f"--prompts-file {prompts_file} has no prompts: give one instruction per line.")
+    return [
+        tokenizer(format_prompt(prompt, tokenizer), return_tensors="pt", add_special_tokens=False).input_ids[0]
+        for prompt in prompts
+    ]
+
+
 def info(args: argparse.Namespace) -> None:
     """Print the base model's shape, its exits and the size of their heads."""
     model = _load(args)
@@ -330,6 +346,7 @@ def calibrate(args: argparse.Namespace) -> None:
     """Calibrate a heads folder's thresholds on the calibration split for each metric and level, store the table in
     the folder's config, and write a report with plots."""
     from early_exit.calibration import (
+        calibrate_on_policy,
         calibrate_table,
         collect_exit_scores,
         measure_exit_costs,
@@ -368,6 +385,19 @@ def calibrate(args: argparse.Namespace) -> None:
         )
         for metric in tqdm(args.metrics, desc="calibrating", disable=None)
     ]
+    if args.on_policy:
+        prompts = _prompt_ids(tokenizer, args.prompts_file, "calibration")
+        tables = [
+            calibrate_on_policy(
+                model, prompts, table, args.method, args.delta, max_new_tokens=args.max_new_tokens, rounds=args.rounds
+            )
+            for table in tables
+        ]
+        for table in tables:
+            for level, record in table.on_policy.items():
+                moved = f"not settled ({100 * record['changed']:.1f}% of exits moved)"
+                state = "settled" if record["settled"] else moved
+                print(f"{table.key} level {level}: {record['rounds']} round(s) on {record['tokens']} tokens, {state}")
     middle = sorted(args.levels)[len(args.levels) // 2]
     # The default metric is the fastest at the middle level (the shallowest when calibrated by depth alone).
     best = min(tables, key=lambda table: table.levels[middle].ms_per_token or table.levels[middle].mean_layers)
@@ -416,7 +446,8 @@ def calibrate(args: argparse.Namespace) -> None:
 
 
 def verify_calibration(args: argparse.Namespace) -> None:
-    """Measure each calibrated level on held-out text (the eval split, never used for calibration)."""
+    """Measure each calibrated level on held-out text (the eval split, never used for calibration), or with
+    `--free-generation` on the model's own greedy generations from the eval prompts."""
     from early_exit.calibration import CalibrationTable, collect_exit_scores, evaluate_policy
     from early_exit.data.corpus import distillation_corpus
 
@@ -426,6 +457,9 @@ def verify_calibration(args: argparse.Namespace) -> None:
     ]
     if not tables:
         raise SystemExit(f"{args.heads} is not calibrated: run `early-exit calibrate --heads {args.heads}` first.")
+    if args.free_generation:
+        _verify_in_free_generation(model, tables, _prompt_ids(_tokenizer(model), args.prompts_file, "eval"), args)
+        return
     dataset = distillation_corpus(
         model.base, _tokenizer(model), "eval", args.tokens, args.block_size, args.generation_tokens
     )
@@ -458,6 +492,35 @@ def verify_calibration(args: argparse.Namespace) -> None:
                     f"{'yes' if kept else 'NO'}"
                 )
     print("every level kept" if not failures else f"{failures} level(s) not kept on this text")
+
+
+def _verify_in_free_generation(
+    model: EarlyExitForCausalLM, tables: list, prompts: list[torch.LongTensor], args: argparse.Namespace
+) -> None:
+    """Print, per table and level, the agreement of the model's own greedy generations with the full model's token on
+    the same prefix (with its 95% interval) and the mean layers run; a level is kept when the agreement reaches it."""
+    from early_exit.calibration import free_generation
+
+    print(f"Free generation: {len(prompts)} prompts, up to {args.max_new_tokens} new tokens each, greedy")
+    print(f"{'table':<24}{'level':>7}{'agreement':>11}{'95% interval':>17}{'layers':>8}  kept")
+    failures = 0
+    for table in tables:
+        pruning = VocabPruningConfig.from_dict(table.vocab_pruning)
+        for level, outcome in sorted(table.levels.items()):
+            options = ExitDecodingConfig(
+                exit_thresholds=outcome.thresholds,
+                confidence_metric=table.metric,
+                vocab_pruning=pruning if pruning is not None else False,
+            )
+            measured = free_generation(model, prompts, options, args.max_new_tokens)
+            kept = measured.agreement >= level
+            failures += not kept
+            low, high = measured.interval
+            print(
+                f"{table.key:<24}{level:>7g}{100 * measured.agreement:>10.2f}%{100 * low:>8.1f}-{100 * high:.1f}%"
+                f"{measured.mean_layers:>8.2f}  {'yes' if kept else 'NO'}  ({measured.tokens} tokens)"
+            )
+    print("every level kept" if not failures else f"{failures} level(s) not kept in free generation")
 
 
 def generate(args: argparse.Namespace) -> None:

@@ -231,6 +231,36 @@ def build_parser() -> argparse.ArgumentParser:
         )
         command.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
         add_placement_arguments(command)
+    calibrate.add_argument(
+        "--on-policy",
+        action="store_true",
+        help="then recalibrate each level on the model's own greedy generations at that level (generate, score, "
+        "recalibrate, until the thresholds settle), from the calibration prompts or --prompts-file",
+    )
+    calibrate.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=3,
+        help="most generate-score-recalibrate rounds per level with --on-policy (default 3, the library's)",
+    )
+    verify.add_argument(
+        "--free-generation",
+        action="store_true",
+        help="measure each level on the model's own greedy generations from the eval prompts (or --prompts-file) "
+        "instead of on fixed text: agreement with the full model's token on the same prefix, with a 95%% interval",
+    )
+    for command in (calibrate, verify):
+        command.add_argument(
+            "--prompts-file",
+            help="prompts for --on-policy / --free-generation, one instruction per line (default: the project's "
+            "calibration or eval prompts)",
+        )
+        command.add_argument(
+            "--max-new-tokens",
+            type=positive_int,
+            default=128,
+            help="tokens generated per prompt with --on-policy / --free-generation (default 128)",
+        )
 
     generate = commands.add_parser("generate", help="generate with early exits, tokens coloured by exit layer")
     generate.add_argument(

@@ -139,6 +139,37 @@ def test_calibrate_stores_a_table_that_verify_measures_on_held_out_text(tmp_path
     assert all(float(agreement) >= 100 * float(level) for _, level, agreement, _, _ in rows)
 
 
+def test_calibrate_on_policy_and_verify_in_free_generation(tmp_path, capsys):
+    heads = tmp_path / "heads"
+    early_exit.add_exit_heads(AutoModelForCausalLM.from_pretrained(STORIES260K), [2, 3, 4]).save_pretrained(heads)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Once upon a time\n\nThe little dog\nA girl named Lily\nThe sun was\n" * 3)
+    sizes = ["--tokens", "2000", "--block-size", "128", "--generation-tokens", "8", "--max-new-tokens", "24"]
+    options = ["--levels", "0.6", "--metrics", "max_prob", "--method", "empirical", "--prompts-file", str(prompts)]
+    main(["calibrate", "--heads", str(heads), "--on-policy", "--rounds", "2", "--by-depth", *options, *sizes])
+    assert re.search(
+        r"^max_prob level 0\.6: [12] round\(s\) on \d+ tokens, (settled|not settled)", capsys.readouterr().out, re.M
+    )
+    table = AutoModelForCausalLM.from_pretrained(heads).config.calibration["tables"]["max_prob"]
+    assert table["on_policy"]["0.6"]["rounds"] in (1, 2) and table["levels"]["0.6"]["accuracy"] >= 0.6
+    main(["verify-calibration", "--heads", str(heads), "--free-generation", "--prompts-file", str(prompts), *sizes])
+    printed = capsys.readouterr().out
+    row = re.search(r"^max_prob\s+0\.6\s+([\d.]+)%\s+([\d.]+)-([\d.]+)%\s+([\d.]+)\s+(yes|NO)", printed, re.M)
+    assert row and float(row[2]) <= float(row[1]) <= float(row[3])
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(SystemExit, match="has no prompts"):
+        main(
+            [
+                "verify-calibration",
+                "--heads",
+                str(heads),
+                "--free-generation",
+                "--prompts-file",
+                str(tmp_path / "empty.txt"),
+            ]
+        )
+
+
 def _parsers() -> dict[str, argparse.ArgumentParser]:
     """Every parser of the command line by its prog, the benchmarks' own included (`bench` loads them by name)."""
     found, pending = {}, [build_parser()]
@@ -194,7 +225,7 @@ def _number(text: str) -> float | None:
 
 
 def test_defaults_the_command_line_states_are_the_librarys():
-    from early_exit.calibration import DEFAULT_LEVELS, calibrate_table
+    from early_exit.calibration import DEFAULT_LEVELS, DEFAULT_ROUNDS, calibrate_table
     from early_exit.data.corpus import distillation_corpus
     from early_exit.generation import DEFAULT_MAX_DRAFT_TOKENS, ExitDecodingConfig
     from early_exit.training import EarlyExitTrainingArguments
@@ -215,6 +246,7 @@ def test_defaults_the_command_line_states_are_the_librarys():
     assert _option("early-exit calibrate", "--levels").default == list(DEFAULT_LEVELS)
     assert _option("early-exit calibrate", "--delta").default == calibration.parameters["delta"].default
     assert _option("early-exit calibrate", "--method").default == calibration.parameters["method"].default
+    assert _option("early-exit calibrate", "--rounds").default == DEFAULT_ROUNDS
     for command in ("train", "report", "calibrate", "verify-calibration"):
         for flag, parameter in (("--block-size", "block_size"), ("--generation-tokens", "generation_tokens")):
             assert _option(f"early-exit {command}", flag).default == corpus[parameter].default, (command, flag)

@@ -330,6 +330,17 @@ def test_the_model_card_carries_hub_metadata_and_every_calibrated_level(base, ta
         assert "- steps: 12" in card.text and "held-out agreement by exit: 1: 0.25, 3: 0.5" in card.text
 
 
+def test_the_model_card_says_which_levels_were_calibrated_on_the_heads_own_generations():
+    config = EarlyExitConfig(exit_layers=[1, 3], base_model_type="llama", base_num_hidden_layers=4)
+    table = _table("max_prob", None, {0.9: ([0.5, math.inf], 0.91, 3.2)})
+    table.on_policy = {"0.9": {"rounds": 2, "settled": True, "changed": 0.0, "tokens": 900}}
+    store_calibration(config, [table, _table("entropy", None, {0.9: ([1.0, 2.0], 0.9, 3.0)})], "max_prob")
+    text = ModelCard(str(heads_model_card(config, 100, 10_000))).text
+    max_prob, entropy = text.split("### `max_prob`")[1], text.split("### `entropy`")[1].split("###")[0]
+    assert "Calibrated on policy" in max_prob and "0.9: 2 round(s), settled" in max_prob
+    assert "Calibrated on policy" not in entropy
+
+
 def test_the_saved_model_card_loads_with_huggingface_hub(tmp_path):
     model = _heads(_saved_base(tmp_path))
     tables = [

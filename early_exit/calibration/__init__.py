@@ -17,23 +17,29 @@ from .calibrate import (
     threshold_family,
 )
 from .costs import measure_exit_costs
+from .on_policy import DEFAULT_ROUNDS, FreeGeneration, GeneratedText, calibrate_on_policy, free_generation
 from .scores import ExitScores, collect_exit_scores
 
 __all__ = [
     "DEFAULT_LEVELS",
+    "DEFAULT_ROUNDS",
     "METHODS",
     "CalibrationTable",
     "ExitCosts",
     "ExitScores",
+    "FreeGeneration",
+    "GeneratedText",
     "PolicyOutcome",
     "binomial_cdf",
     "calibrate_budget",
     "calibrate_level",
+    "calibrate_on_policy",
     "calibrate_table",
     "candidate_thresholds",
     "collect_exit_scores",
     "evaluate_policy",
     "exit_positions",
+    "free_generation",
     "measure_exit_costs",
     "minimum_tokens",
     "policy_curve",

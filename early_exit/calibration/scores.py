@@ -84,7 +84,8 @@ def collect_exit_scores(
     vocab_pruning: VocabPruningConfig | None = None,
 ) -> ExitScores:
     """Run `model` over `dataset` (token blocks) and record every exit's confidence under each metric, and whether
-    its top-1 token is the final layer's, at every attended position.
+    its top-1 token is the final layer's, at every attended position (or, for items with a `scored_mask`, at the
+    positions it marks).
 
     With `vocab_pruning`, exits after the pruning exit score only the tokens kept there, exactly as decoding with
     that pruning does, so thresholds calibrated on these scores hold for it.
@@ -101,7 +102,7 @@ def collect_exit_scores(
     digest = hashlib.sha256()
     pruner = VocabPruner(vocab_pruning, exits)
     for index, block in enumerate(hidden_states_over_blocks(model, dataset, batch_size, bf16, "scoring exits")):
-        mask = block.attention_mask.bool()
+        mask = block.scored_mask.bool()
         digest.update(block.input_ids[mask].cpu().numpy().tobytes())
         per_metric: dict[str, list[torch.Tensor]] = {metric.name: [] for metric in resolved}
         tokens, previous, token_ids = [], None, None

@@ -27,12 +27,15 @@ class BlockStates:
 
     Attributes:
         input_ids, attention_mask: the batch, (batch, seq), right-padded.
+        scored_mask: the positions to count, (batch, seq): the items' own `scored_mask` where they have one (e.g.
+            only generated tokens), else `attention_mask`.
         exit_states: per exit (in `model.exit_layers` order), the hidden state after its layer, (batch, seq, hidden).
         final_state: the hidden state after the last layer, before the final norm, (batch, seq, hidden).
     """
 
     input_ids: torch.LongTensor
     attention_mask: torch.Tensor
+    scored_mask: torch.Tensor
     exit_states: list[torch.Tensor]
     final_state: torch.Tensor
 
@@ -58,7 +61,8 @@ def hidden_states_over_blocks(
     bf16: bool = False,
     description: str = "running the model",
 ) -> Iterator[BlockStates]:
-    """Run `model`'s base over `dataset` (items with `input_ids` and `attention_mask`) in eval mode, with a progress
+    """Run `model`'s base over `dataset` (items with `input_ids`, `attention_mask` and optionally `scored_mask`) in
+    eval mode, with a progress
     bar, yielding each batch's hidden states at the exits and the last layer.
 
     With `bf16`, the base runs under bfloat16 autocast, and so does whatever the caller computes from a batch before
@@ -72,12 +76,13 @@ def hidden_states_over_blocks(
         for batch in tqdm(loader, desc=description, disable=None):
             input_ids = batch["input_ids"].to(model.device)
             attention_mask = batch["attention_mask"].to(model.device)
+            scored_mask = batch["scored_mask"].to(model.device) if "scored_mask" in batch else attention_mask
             with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
                 states = [
                     hidden
                     for layer, hidden in model.iter_layers(input_ids, attention_mask)
                     if layer in exits or layer == model.num_layers
                 ]
-                yield BlockStates(input_ids, attention_mask, states[:-1], states[-1])
+                yield BlockStates(input_ids, attention_mask, scored_mask, states[:-1], states[-1])
     finally:
         model.train(was_training)

@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-#: Batch keys whose position axis is padded by `DistillationCollator`.
-_TOKEN_KEYS = ("input_ids", "attention_mask")
+#: Batch keys whose position axis is padded by `DistillationCollator` ("scored_mask": positions to count, where
+#: a set counts fewer than it attends to).
+_TOKEN_KEYS = ("input_ids", "attention_mask", "scored_mask")
 
 
 @dataclass

@@ -95,6 +95,9 @@ class CalibrationTable:
             `None`; thresholds only hold under the same pruning.
         costs: the measured costs the thresholds were chosen with (`ExitCosts.to_dict()`), or `None` when they
             were chosen by depth alone.
+        on_policy: for tables calibrated on the model's own generations (`calibration.calibrate_on_policy`), per
+            level ("0.9"): the rounds run, whether the thresholds settled, the share of the last round's tokens whose
+            exit its recalibration changed, and that round's tokens; `None` for tables calibrated on fixed text.
     """
 
     metric: str
@@ -107,6 +110,7 @@ class CalibrationTable:
     levels: dict[float, PolicyOutcome] = field(default_factory=dict)
     vocab_pruning: dict | None = None
     costs: dict | None = None
+    on_policy: dict | None = None
 
     @property
     def key(self) -> str:
