@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install agreement demo info test heads heads-report calibration
+.PHONY: install agreement demo info test heads heads-report calibration docs
 
 HEADS := adapters/SmolLM2-135M-Instruct-exits
 
@@ -51,6 +51,11 @@ demo: $(STAMP)
 
 info: $(STAMP)
 	$(BIN)/early-exit info
+
+# The API reference, from the docstrings (pdoc): docs/api/index.html. Not committed; the test suite builds it too.
+docs: $(STAMP)
+	rm -rf docs/api
+	$(BIN)/python docs/build_api.py docs/api
 
 # Lint and format checks first (seconds), then the suite.
 test: $(STAMP)

@@ -457,6 +457,12 @@ def verify_calibration(args: argparse.Namespace) -> None:
     ]
     if not tables:
         raise SystemExit(f"{args.heads} is not calibrated: run `early-exit calibrate --heads {args.heads}` first.")
+    if args.tables:
+        unknown = sorted(set(args.tables) - {table.key for table in tables})
+        if unknown:
+            known = ", ".join(sorted(table.key for table in tables))
+            raise SystemExit(f"--tables {' '.join(unknown)}: the heads have no such table; their tables: {known}.")
+        tables = [table for table in tables if table.key in args.tables]
     if args.free_generation:
         _verify_in_free_generation(model, tables, _prompt_ids(_tokenizer(model), args.prompts_file, "eval"), args)
         return

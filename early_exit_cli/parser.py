@@ -244,6 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="most generate-score-recalibrate rounds per level with --on-policy (default 3, the library's)",
     )
     verify.add_argument(
+        "--tables",
+        nargs="+",
+        help="calibration tables to measure, by name, e.g. max_prob+top512 (default: every table of the heads)",
+    )
+    verify.add_argument(
         "--free-generation",
         action="store_true",
         help="measure each level on the model's own greedy generations from the eval prompts (or --prompts-file) "

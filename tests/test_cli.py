@@ -153,6 +153,8 @@ def test_calibrate_on_policy_and_verify_in_free_generation(tmp_path, capsys):
     table = AutoModelForCausalLM.from_pretrained(heads).config.calibration["tables"]["max_prob"]
     assert table["on_policy"]["0.6"]["rounds"] in (1, 2) and table["levels"]["0.6"]["accuracy"] >= 0.6
     main(["verify-calibration", "--heads", str(heads), "--free-generation", "--prompts-file", str(prompts), *sizes])
+    with pytest.raises(SystemExit, match="--tables entropy: the heads have no such table; their tables: max_prob"):
+        main(["verify-calibration", "--heads", str(heads), "--tables", "entropy"])
     printed = capsys.readouterr().out
     row = re.search(r"^max_prob\s+0\.6\s+([\d.]+)%\s+([\d.]+)-([\d.]+)%\s+([\d.]+)\s+(yes|NO)", printed, re.M)
     assert row and float(row[2]) <= float(row[1]) <= float(row[3])
