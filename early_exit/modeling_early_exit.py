@@ -43,7 +43,7 @@ from .checkpoint import (
 from .configuration_early_exit import EarlyExitConfig
 from .default_model import load_base_model, load_base_tokenizer
 from .errors import CheckpointError, HeadMismatchError, InvalidOptionError
-from .generation import ExitDecodingConfig, PromptLookup, generate_with_exits
+from .generation import DEFAULT_LOOKUP_TOKENS, ExitDecodingConfig, PromptLookup, generate_with_exits
 from .heads import HEAD_TYPES, build_head, exit_logits, head_inputs, open_head_slots
 from .hub import upload_heads
 from .kernels import FewPositionLinears
@@ -302,9 +302,9 @@ class EarlyExitForCausalLM(PreTrainedModel):
         (`early_exit.generation.EarlyExitGenerateOutput`, or `SpeculativeGenerateOutput`). Decoding modes other than
         greedy decoding and sampling (beam search, contrastive search, assisted generation and prompt lookup, DoLa)
         run through the base model's own `generate` when nothing exits, and are refused when something does; the
-        exception is prompt lookup with `speculative=True`: `prompt_lookup_num_tokens` (and
-        `max_matching_ngram_size`) then add drafts copied from the context to the exits' drafts, verified in the
-        same full-depth passes (`early_exit.generation.PromptLookup`).
+        exception is prompt lookup with `speculative=True`: drafts copied from the context join the exits' drafts,
+        verified in the same full-depth passes (`early_exit.generation.PromptLookup`), `prompt_lookup_num_tokens`
+        of them (default 3; 0 turns them off) on n-grams up to `max_matching_ngram_size`.
 
         The early-exit options are the fields of `early_exit.generation.ExitDecodingConfig` (`accuracy_level=0.95`,
         `exit_thresholds=[...]`, `confidence_metric`, `min_exit_layer`, `kv_strategy`, `vocab_pruning`,
@@ -589,17 +589,20 @@ def _record_or_check_base_shape(config: EarlyExitConfig, decoder: DecoderAdapter
 
 
 def _take_prompt_lookup(generation_config: GenerationConfig, kwargs: dict) -> PromptLookup | None:
-    """With self-speculative decoding, `prompt_lookup_num_tokens` (and `max_matching_ngram_size`) ask for drafts
-    copied from the context, verified with the exits' own: take them out of `generation_config` so that `generate`
-    does not start its own assisted decoding. Left in place beside an assistant model, which is refused later."""
-    if not generation_config.prompt_lookup_num_tokens or kwargs.get("assistant_model") is not None:
+    """Self-speculative decoding also drafts tokens copied from the context: `prompt_lookup_num_tokens` of them
+    (`DEFAULT_LOOKUP_TOKENS` unless set; 0 turns it off) on n-grams up to `max_matching_ngram_size`. Take both out of
+    `generation_config` so that `generate` does not start its own assisted decoding. Left in place beside an
+    assistant model, which is refused later."""
+    if kwargs.get("assistant_model") is not None:
         return None
-    lookup = PromptLookup(generation_config.prompt_lookup_num_tokens)
-    ngram = generation_config.max_matching_ngram_size
-    if ngram is not None:
-        lookup = replace(lookup, max_ngram_size=ngram, min_ngram_size=min(ngram, lookup.min_ngram_size))
+    tokens, ngram = generation_config.prompt_lookup_num_tokens, generation_config.max_matching_ngram_size
     generation_config.prompt_lookup_num_tokens = None
     generation_config.max_matching_ngram_size = None
+    if tokens == 0:
+        return None
+    lookup = PromptLookup(DEFAULT_LOOKUP_TOKENS if tokens is None else tokens)
+    if ngram is not None:
+        lookup = replace(lookup, max_ngram_size=ngram, min_ngram_size=min(ngram, lookup.min_ngram_size))
     return lookup
 
 

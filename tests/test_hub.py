@@ -11,6 +11,7 @@ import runpy
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -375,3 +376,30 @@ def test_the_trainer_push_fails_offline_as_the_model_push_does(tmp_path):
         model.push_to_hub("me/heads")
     assert str(from_trainer.value) == str(from_model.value)
     assert "hf upload me/heads" in str(from_trainer.value)
+
+
+def test_the_trainer_pushes_the_heads_folder_and_nothing_else(tmp_path, monkeypatch):
+    uploads = []
+
+    class Hub:
+        def __init__(self, token=None):
+            self.token = token
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            return SimpleNamespace(repo_id=repo_id)
+
+        def upload_folder(self, **kwargs):
+            uploads.append((self.token, kwargs))
+            return SimpleNamespace(commit_url="https://hub/commit/1")
+
+    monkeypatch.setattr(early_exit.hub, "HfApi", Hub)
+    model = early_exit.add_exit_heads(tiny_model("llama"), [2])
+    output = tmp_path / "run"
+    args = EarlyExitTrainingArguments(str(output), hub_token="secret", report_to=[], use_cpu=True)
+    trainer = EarlyExitTrainer(model, args)
+    (output / "checkpoint-1").mkdir(parents=True)
+    assert trainer.push_to_hub(commit_message="heads") == "https://hub/commit/1"
+    ((token, upload),) = uploads
+    assert token == "secret" and upload["repo_id"] == "run" and upload["commit_message"] == "heads"
+    assert upload["allow_patterns"] == early_exit.hub.HEAD_FILES  # the heads' files only: no checkpoints
+    assert ModelCard.load(output / "README.md").data.library_name == "early-exit"  # our card, not Trainer's

@@ -16,7 +16,7 @@ from tiny_models import VOCAB
 from transformers.generation.streamers import BaseStreamer
 
 from early_exit.errors import InvalidOptionError
-from early_exit.generation import PromptLookup, SpeculativeGenerateOutput
+from early_exit.generation import DEFAULT_LOOKUP_TOKENS, PromptLookup, SpeculativeGenerateOutput
 
 SLIDING = {"mistral", "qwen2", "gemma2", "gemma3_text"}  # tiny configs with a sliding window of 5
 thresholds = st.lists(st.one_of(st.none(), st.floats(0.0, 1.0)), min_size=3, max_size=3)
@@ -346,8 +346,16 @@ def test_streaming_a_batch_is_refused():
         _speculative(model, ids, mask, max_new_tokens=4, streamer=BaseStreamer())
 
 
-def test_without_exits_every_cycle_is_one_full_depth_token():
+def test_without_exits_or_copies_every_cycle_is_one_full_depth_token():
     model = _model("gpt2")
     ids, mask = _prompts(3, 2, 5, padded=True)
-    output = _speculative(model, ids, mask, max_new_tokens=6)
+    output = _speculative(model, ids, mask, max_new_tokens=6, prompt_lookup_num_tokens=0)
     assert output.drafted.sum() == 0 and output.tokens_per_full_pass == 1.0 and math.isnan(output.acceptance_rate)
+
+
+def test_drafts_are_copied_from_the_context_by_default():
+    model = _model("llama")
+    ids = torch.arange(3, VOCAB)[None]  # every token the first new one can be: a unigram match is sure
+    arguments = dict(max_new_tokens=2, max_draft_tokens=4, max_matching_ngram_size=1)
+    assert _speculative(model, ids, None, **arguments).drafted[0, 0] == DEFAULT_LOOKUP_TOKENS
+    assert _speculative(model, ids, None, prompt_lookup_num_tokens=0, **arguments).drafted.sum() == 0

@@ -3,13 +3,14 @@ strategies, `generate`, and dynamic self-speculative decoding (drafts from the e
 
 from .decoding import DecodingStatistics, LayerwiseDecoder
 from .generate import EarlyExitGenerateOutput, decoding_function, early_exit_sampling, generate_with_exits
-from .lookup import PromptLookup
+from .lookup import DEFAULT_LOOKUP_TOKENS, PromptLookup
 from .options import DEFAULT_MAX_DRAFT_TOKENS, KV_STRATEGIES, ExitDecodingConfig
 from .policy import ExitPolicy, resolve_exit_policy
 from .speculative import SpeculativeGenerateOutput, self_speculative_sampling, speculative_decoding_function
 from .thresholds import CalibrationTable, PolicyOutcome, select_thresholds, store_calibration, table_key
 
 __all__ = [
+    "DEFAULT_LOOKUP_TOKENS",
     "DEFAULT_MAX_DRAFT_TOKENS",
     "KV_STRATEGIES",
     "CalibrationTable",

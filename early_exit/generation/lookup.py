@@ -14,6 +14,10 @@ import torch
 
 from ..errors import InvalidOptionError
 
+#: Copied drafts per cycle of self-speculative decoding unless `prompt_lookup_num_tokens` says otherwise: the fastest
+#: of 2 and 3 on the default model (docs/speculative-smollm2-135m.md); longer copies are rarely right to the end.
+DEFAULT_LOOKUP_TOKENS = 3
+
 
 @dataclass(frozen=True)
 class PromptLookup:

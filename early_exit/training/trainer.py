@@ -19,7 +19,7 @@ from transformers import Trainer, TrainingArguments
 
 from ..architectures import unwrap_model
 from ..data import DistillationCollator, require_examples
-from ..hub import explain_unreachable_hub
+from ..hub import upload_heads
 from ..modeling_early_exit import EarlyExitForCausalLM
 from .evaluation import ExitAgreement
 from .hidden_cache import HiddenStateCache
@@ -263,16 +263,31 @@ class EarlyExitTrainer(Trainer):
         return metrics
 
     # --- checkpoints: heads folders, not full models -----------------------------------------------------------------
-    def push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
-        """`Trainer.push_to_hub` (same arguments and result): save the heads to `args.output_dir` and upload that
-        folder to `args.hub_model_id` (default: the folder's name).
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+    ) -> str:
+        """Save the heads to `args.output_dir` and upload them to `args.hub_model_id` (default: the folder's name)
+        as `model.push_to_hub` does: the heads folder's own files and model card, never checkpoints, logs or the base
+        model (`Trainer`'s own push would upload the whole folder under a generic training card). Returns the
+        commit's URL; `blocking` is taken for `Trainer`'s signature, and the upload always ends before returning.
 
         Raises:
             HubUnreachableError: the Hub cannot be reached (no network, or offline mode); the message says how to
                 push later, as `model.push_to_hub`'s does.
         """
-        with explain_unreachable_hub(self.args.hub_model_id or Path(self.args.output_dir).absolute().name):
-            return super().push_to_hub(*args, **kwargs)
+        self.save_model()
+        return upload_heads(
+            self.args.output_dir,
+            self.args.hub_model_id or Path(self.args.output_dir).absolute().name,
+            private=self.args.hub_private_repo,
+            token=token or self.args.hub_token,
+            revision=revision,
+            commit_message=commit_message,
+        )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         self.accelerator.unwrap_model(model if model is not None else self.model).load_trained_weights(

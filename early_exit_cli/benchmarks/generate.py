@@ -38,8 +38,11 @@ SCRIPT = "python examples/benchmark_generate.py"
 
 
 def encode(tokenizer, prompts: list[dict], batch_size: int = 1) -> list[dict]:
-    """Left-padded batches of the formatted prompts."""
+    """Left-padded batches of the formatted prompts (a tokenizer without a pad token pads with its end-of-sequence or
+    unknown token: the attention mask hides the padding either way)."""
     tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     texts = [format_prompt(prompt, tokenizer) for prompt in prompts]
     return [
         tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)

@@ -7,8 +7,8 @@ all prompts after one warm-up:
 2. transformers' own self-speculation, `base.generate(assistant_early_exit=E)`, over a sweep of E;
 3. transformers' own prompt lookup, `base.generate(prompt_lookup_num_tokens=K)`, for each `--prompt-lookup` K;
 4. a fixed drafter with our heads (LayerSkip-style: exit layer E, draft length K, both swept);
-5. Dynamic Self-Speculative Decoding (DSSD) at each accuracy level, and with each `--prompt-lookup` K at each level
-   and at full depth (drafts copied from the context only).
+5. Dynamic Self-Speculative Decoding (DSSD) at each accuracy level with the exits' drafts alone, and with each
+   `--prompt-lookup` K at each level and at full depth (drafts copied from the context only).
 
 Each row gives tokens/s, the ratio to plain `generate`, the tokens emitted per full-depth pass, the acceptance rate
 of drafted tokens and whether the output equals plain greedy `generate`'s. Then the project's DSSD goals. Writes
@@ -357,6 +357,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
                         speculative=True,
                         max_draft_tokens=length,
                     ),
+                    prompt_lookup_num_tokens=0,
                     **speculative,
                 ),
             )
@@ -371,6 +372,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
                     exit_config=ExitDecodingConfig(
                         accuracy_level=level, speculative=True, max_draft_tokens=args.max_draft_tokens
                     ),
+                    prompt_lookup_num_tokens=0,  # the exits' drafts alone
                     **speculative,
                 ),
             )
