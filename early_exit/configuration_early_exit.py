@@ -241,6 +241,11 @@ def _check_calibration(calibration: Any) -> None:
             raise InvalidOptionError(f"{where}.exit_layers must be the list of exit layers; {again}.")
         for level, outcome in table["levels"].items():
             _check_level(f"{where}.levels[{level!r}]", level, outcome, exits, again)
+        budgets = table.get("budgets") or {}
+        if not isinstance(budgets, Mapping):
+            raise InvalidOptionError(f"{where}.budgets must map average depths to thresholds; {again}.")
+        for budget, outcome in budgets.items():
+            _check_budget(f"{where}.budgets[{budget!r}]", budget, outcome, exits, again)
     default = calibration.get("default_metric")
     if tables and (not isinstance(default, str) or default not in metrics):
         raise InvalidOptionError(
@@ -249,12 +254,26 @@ def _check_calibration(calibration: Any) -> None:
 
 
 def _check_level(where: str, level: Any, outcome: Any, exits: list[int], again: str) -> None:
-    try:
-        level_value = float(level)
-    except (TypeError, ValueError):
-        level_value = math.nan
-    if not 0.0 < level_value < 1.0:
+    if not 0.0 < _number(level) < 1.0:
         raise InvalidOptionError(f"{where}: the level must be a number in (0, 1); {again}.")
+    _check_outcome(where, outcome, exits, again)
+
+
+def _check_budget(where: str, budget: Any, outcome: Any, exits: list[int], again: str) -> None:
+    if not _number(budget) > 0.0:
+        raise InvalidOptionError(f"{where}: the budget must be a positive number of layers; {again}.")
+    _check_outcome(where, outcome, exits, again)
+
+
+def _number(key: Any) -> float:
+    """A table key (a level or a depth, written as text in JSON) as a number; NaN when it is none."""
+    try:
+        return float(key)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _check_outcome(where: str, outcome: Any, exits: list[int], again: str) -> None:
     thresholds = outcome.get("thresholds") if isinstance(outcome, Mapping) else None
     if not isinstance(thresholds, list):
         raise InvalidOptionError(f"{where} has no 'thresholds' list; {again}.")

@@ -95,6 +95,7 @@ def _decoding_options(args: argparse.Namespace, pruning: VocabPruningConfig | No
         return ExitDecodingConfig(
             accuracy_level=args.level,
             exit_thresholds=args.thresholds,
+            depth_budget=args.budget,
             confidence_metric=args.metric,
             min_exit_layer=args.min_exit_layer,
             kv_strategy=args.kv_strategy,
@@ -346,6 +347,7 @@ def calibrate(args: argparse.Namespace) -> None:
     """Calibrate a heads folder's thresholds on the calibration split for each metric and level, store the table in
     the folder's config, and write a report with plots."""
     from early_exit.calibration import (
+        calibrate_budget,
         calibrate_on_policy,
         calibrate_table,
         collect_exit_scores,
@@ -398,6 +400,14 @@ def calibrate(args: argparse.Namespace) -> None:
                 moved = f"not settled ({100 * record['changed']:.1f}% of exits moved)"
                 state = "settled" if record["settled"] else moved
                 print(f"{table.key} level {level}: {record['rounds']} round(s) on {record['tokens']} tokens, {state}")
+    for table in tables:
+        for budget in args.budgets:
+            table.budgets[budget] = calibrate_budget(scores, table.metric, budget)
+            outcome = table.budgets[budget]
+            print(
+                f"{table.key} budget {budget:g} layers: {outcome.mean_layers:.2f} layers, "
+                f"{100 * outcome.accuracy:.2f}% agreement on the calibration text"
+            )
     middle = sorted(args.levels)[len(args.levels) // 2]
     # The default metric is the fastest at the middle level (the shallowest when calibrated by depth alone).
     best = min(tables, key=lambda table: table.levels[middle].ms_per_token or table.levels[middle].mean_layers)
@@ -569,7 +579,7 @@ def generate(args: argparse.Namespace) -> None:
     color = use_color(args.no_color)
     colors = {layer: EXIT_COLORS[index % len(EXIT_COLORS)] for index, layer in enumerate(model.exit_layers)}
     if options.full_depth:
-        print("no --level or --thresholds and the heads are not calibrated: every token runs to full depth")
+        print("no --level, --thresholds or --budget and the heads are not calibrated: every token runs to full depth")
     if args.speculative:
         print("self-speculative decoding: exits draft tokens, the full model verifies them (its output is kept)")
     elif color:

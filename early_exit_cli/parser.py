@@ -232,6 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
         add_placement_arguments(command)
     calibrate.add_argument(
+        "--budgets",
+        nargs="+",
+        type=float,
+        default=[],
+        help="target average depths (layers per token) to calibrate too: the most accurate thresholds within each, "
+        "for generate --budget (default: none)",
+    )
+    calibrate.add_argument(
         "--on-policy",
         action="store_true",
         help="then recalibrate each level on the model's own greedy generations at that level (generate, score, "
@@ -286,6 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="calibrated accuracy level (default 0.9 for calibrated heads; uncalibrated heads run at full depth)",
     )
     policy.add_argument("--thresholds", nargs="+", type=float, help="explicit thresholds, one per exit (inf: never)")
+    policy.add_argument(
+        "--budget",
+        type=float,
+        help="target average depth in layers per token: the thresholds of the deepest budget calibrated within it "
+        "(calibrate --budgets; default: none)",
+    )
     generate.add_argument("--metric", help="confidence metric (default: the calibration's, else max_prob)")
     generate.add_argument(
         "--min-exit-layer", type=positive_int, help="exits before this layer never emit (default: every exit may)"

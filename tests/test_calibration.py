@@ -23,6 +23,7 @@ from early_exit.calibration import (
     exit_positions,
     measure_exit_costs,
     minimum_tokens,
+    select_budget_thresholds,
     select_thresholds,
     store_calibration,
 )
@@ -262,6 +263,28 @@ def test_a_user_metric_calibrates_saves_and_loads_with_the_heads(tmp_path):
             select_thresholds(again.config, 0.9, "margin")
     finally:
         CONFIDENCE_METRICS.unregister("test_logit_gap")
+
+
+def test_depth_budgets_are_saved_with_the_heads_and_decoding_keeps_within_them(tmp_path):
+    tiny_model("llama", initializer_range=0.3).save_pretrained(tmp_path / "base")
+    model = early_exit.add_exit_heads(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), [1, 2, 3])
+    scores = collect_exit_scores(model, _random_blocks(1, 64), ["max_prob"], batch_size=8)
+    table = calibrate_table(scores, "max_prob", (0.9,))
+    table.budgets = {budget: calibrate_budget(scores, "max_prob", budget) for budget in (2.5, 3.5)}
+    store_calibration(model.config, [table], default_metric="max_prob")
+    model.save_pretrained(tmp_path / "heads")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "heads")
+    # The deepest calibrated budget within the one asked for: the most accurate that fits.
+    assert select_budget_thresholds(again.config, 3.0) == ("max_prob", table.budgets[2.5].thresholds)
+    assert select_budget_thresholds(again.config, 4.0)[1] == table.budgets[3.5].thresholds
+    with pytest.raises(CalibrationError, match="No depth budget of 2 layers or less.*calibrated: 2.5, 3.5"):
+        select_budget_thresholds(again.config, 2.0)
+    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    common = dict(max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=None, return_dict_in_generate=True)
+    budgeted = again.generate(ids, depth_budget=3.0, **common)
+    explicit = again.generate(ids, exit_thresholds=table.budgets[2.5].thresholds, **common)
+    assert torch.equal(budgeted.sequences, explicit.sequences)
+    assert torch.equal(budgeted.exit_layers, explicit.exit_layers)
 
 
 def test_uncalibrated_heads_say_how_to_calibrate():

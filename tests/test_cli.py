@@ -146,12 +146,16 @@ def test_calibrate_on_policy_and_verify_in_free_generation(tmp_path, capsys):
     prompts.write_text("Once upon a time\n\nThe little dog\nA girl named Lily\nThe sun was\n" * 3)
     sizes = ["--tokens", "2000", "--block-size", "128", "--generation-tokens", "8", "--max-new-tokens", "24"]
     options = ["--levels", "0.6", "--metrics", "max_prob", "--method", "empirical", "--prompts-file", str(prompts)]
-    main(["calibrate", "--heads", str(heads), "--on-policy", "--rounds", "2", "--by-depth", *options, *sizes])
+    on_policy = ["--on-policy", "--rounds", "2", "--budgets", "4.5"]
+    main(["calibrate", "--heads", str(heads), *on_policy, "--by-depth", *options, *sizes])
     assert re.search(
         r"^max_prob level 0\.6: [12] round\(s\) on \d+ tokens, (settled|not settled)", capsys.readouterr().out, re.M
     )
     table = AutoModelForCausalLM.from_pretrained(heads).config.calibration["tables"]["max_prob"]
     assert table["on_policy"]["0.6"]["rounds"] in (1, 2) and table["levels"]["0.6"]["accuracy"] >= 0.6
+    assert table["budgets"]["4.5"]["mean_layers"] <= 4.5
+    main(["generate", "--heads", str(heads), "--budget", "4.5", "--prompt", "Once upon", "--max-new-tokens", "6"])
+    assert re.search(r"mean exit layer [\d.]+ of 5", capsys.readouterr().out)
     main(["verify-calibration", "--heads", str(heads), "--free-generation", "--prompts-file", str(prompts), *sizes])
     with pytest.raises(SystemExit, match="--tables entropy: the heads have no such table; their tables: max_prob"):
         main(["verify-calibration", "--heads", str(heads), "--tables", "entropy"])

@@ -332,7 +332,7 @@ def test_calibration_with_pruning_is_stored_apart_and_chosen_by_generate():
 @pytest.mark.parametrize(
     ("arguments", "error", "message"),
     [
-        (dict(accuracy_level=0.9, exit_thresholds=[0.5] * 3), ValueError, "not both"),
+        (dict(accuracy_level=0.9, exit_thresholds=[0.5] * 3), ValueError, "Pass one of accuracy_level"),
         (dict(exit_thresholds=[0.5, 0.5]), ValueError, "one threshold per exit"),
         (dict(exit_thresholds=[0.5, float("nan"), 0.5]), ValueError, "NaN"),
         (dict(exit_thresholds=[0.5] * 3, min_exit_layer=9), ValueError, "min_exit_layer"),

@@ -1,7 +1,14 @@
 """Calibrating exit thresholds: per-token scores, the cascade policy, Learn-then-Test, and writing the table that
 decoding reads (`early_exit.generation.thresholds`)."""
 
-from ..generation.thresholds import CalibrationTable, ExitCosts, PolicyOutcome, select_thresholds, store_calibration
+from ..generation.thresholds import (
+    CalibrationTable,
+    ExitCosts,
+    PolicyOutcome,
+    select_budget_thresholds,
+    select_thresholds,
+    store_calibration,
+)
 from .calibrate import (
     DEFAULT_LEVELS,
     METHODS,
@@ -43,6 +50,7 @@ __all__ = [
     "measure_exit_costs",
     "minimum_tokens",
     "policy_curve",
+    "select_budget_thresholds",
     "select_thresholds",
     "store_calibration",
     "threshold_family",

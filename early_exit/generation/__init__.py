@@ -7,7 +7,14 @@ from .lookup import DEFAULT_LOOKUP_TOKENS, PromptLookup
 from .options import DEFAULT_MAX_DRAFT_TOKENS, KV_STRATEGIES, ExitDecodingConfig
 from .policy import ExitPolicy, resolve_exit_policy
 from .speculative import SpeculativeGenerateOutput, self_speculative_sampling, speculative_decoding_function
-from .thresholds import CalibrationTable, PolicyOutcome, select_thresholds, store_calibration, table_key
+from .thresholds import (
+    CalibrationTable,
+    PolicyOutcome,
+    select_budget_thresholds,
+    select_thresholds,
+    store_calibration,
+    table_key,
+)
 
 __all__ = [
     "DEFAULT_LOOKUP_TOKENS",
@@ -26,6 +33,7 @@ __all__ = [
     "early_exit_sampling",
     "generate_with_exits",
     "resolve_exit_policy",
+    "select_budget_thresholds",
     "select_thresholds",
     "self_speculative_sampling",
     "speculative_decoding_function",

@@ -30,6 +30,9 @@ KV_STRATEGIES = ("deferred", "propagate")
 #: as the base model runs.
 KERNELS = ("packed", "unpacked", "stock")
 
+#: The options that choose where tokens may leave; at most one is given.
+_POLICY_CHOICES = ("accuracy_level", "exit_thresholds", "depth_budget")
+
 #: Drafts per cycle of self-speculative decoding unless told otherwise; the exits' confidence usually ends a draft
 #: sooner.
 DEFAULT_MAX_DRAFT_TOKENS = 8
@@ -45,6 +48,8 @@ class ExitDecodingConfig:
             come from the heads' calibration table.
         exit_thresholds: explicit per-exit thresholds instead (`None` or `inf` for an exit that never emits);
             stored as a tuple of floats.
+        depth_budget: or a target average depth (decoder layers per token): the thresholds of the deepest budget
+            calibrated within it (`early-exit calibrate --budgets`), the most accurate that fits.
         confidence_metric: a registered metric name or a `ConfidenceMetric` (default: the calibration's default
             metric, else "max_prob").
         min_exit_layer: exits before this layer never emit.
@@ -64,6 +69,7 @@ class ExitDecodingConfig:
 
     accuracy_level: float | None = None
     exit_thresholds: tuple[float, ...] | None = None
+    depth_budget: float | None = None
     confidence_metric: str | ConfidenceMetric | None = None
     min_exit_layer: int | None = None
     kv_strategy: str = "deferred"
@@ -80,10 +86,16 @@ class ExitDecodingConfig:
                     f"accuracy_level={level} is outside (0, 1); use e.g. 0.9 for 90% agreement with the full model."
                 )
             self._set("accuracy_level", level)
+        chosen = [name for name in _POLICY_CHOICES if getattr(self, name) is not None]
+        if len(chosen) > 1:
+            raise InvalidOptionError(f"Pass one of accuracy_level, exit_thresholds and depth_budget, not {chosen}.")
         if self.exit_thresholds is not None:
-            if self.accuracy_level is not None:
-                raise InvalidOptionError("Pass either accuracy_level or exit_thresholds, not both.")
             self._set("exit_thresholds", _thresholds(self.exit_thresholds))
+        if self.depth_budget is not None:
+            budget = _real("depth_budget", self.depth_budget)
+            if not budget > 0:
+                raise InvalidOptionError(f"depth_budget={budget} must be a positive number of layers per token.")
+            self._set("depth_budget", budget)
         if self.confidence_metric is not None and not isinstance(self.confidence_metric, ConfidenceMetric):
             if not isinstance(self.confidence_metric, str) or not self.confidence_metric:
                 raise InvalidOptionError(
@@ -115,13 +127,13 @@ class ExitDecodingConfig:
 
     @property
     def full_depth(self) -> bool:
-        """Whether these options alone keep every token at full depth (no level and no thresholds)."""
-        return self.accuracy_level is None and self.exit_thresholds is None
+        """Whether these options alone keep every token at full depth (no level, thresholds or budget)."""
+        return all(getattr(self, name) is None for name in _POLICY_CHOICES)
 
     @classmethod
     def pop_from(cls, kwargs: dict[str, Any], base: ExitDecodingConfig | None = None) -> ExitDecodingConfig:
         """Take this class's fields out of `kwargs` (e.g. `generate`'s keyword arguments), over `base` if given; an
-        `accuracy_level` or `exit_thresholds` in `kwargs` replaces whichever of the two `base` has.
+        `accuracy_level`, `exit_thresholds` or `depth_budget` in `kwargs` replaces whichever of them `base` has.
 
         Raises:
             InvalidOptionError: `base` is not an `ExitDecodingConfig`, or a value is invalid.
@@ -131,8 +143,8 @@ class ExitDecodingConfig:
         given = {field.name: kwargs.pop(field.name) for field in fields(cls) if field.name in kwargs}
         if base is None:
             return cls(**given)
-        if given.keys() & {"accuracy_level", "exit_thresholds"}:  # a level or thresholds given replace base's choice
-            given = {"accuracy_level": None, "exit_thresholds": None, **given}
+        if given.keys() & set(_POLICY_CHOICES):  # a level, thresholds or budget given replace base's choice
+            given = {name: None for name in _POLICY_CHOICES} | given
         return replace(base, **given)
 
     def _set(self, name: str, value: Any) -> None:

@@ -10,7 +10,7 @@ from ..configuration_early_exit import EarlyExitConfig
 from ..errors import InvalidOptionError
 from ..pruning import VocabPruningConfig
 from .options import ExitDecodingConfig
-from .thresholds import select_thresholds
+from .thresholds import select_budget_thresholds, select_thresholds
 
 #: The metric explicit thresholds refer to when none is named and the heads are not calibrated.
 DEFAULT_METRIC = "max_prob"
@@ -46,11 +46,11 @@ class ExitPolicy:
 def resolve_exit_policy(config: EarlyExitConfig, num_layers: int, options: ExitDecodingConfig) -> ExitPolicy:
     """The policy `generate` runs: `options` (already checked on their own) read against the heads' `config`.
 
-    Without a level or thresholds every token runs to full depth.
+    Without a level, thresholds or a depth budget every token runs to full depth.
 
     Raises:
         InvalidOptionError: thresholds of the wrong length, or a minimum layer deeper than the model.
-        CalibrationError: a level the heads are not calibrated for (with this metric and pruning).
+        CalibrationError: a level or budget the heads are not calibrated for (with this metric and pruning).
     """
     exits = list(config.exit_layers)
     pruning = options.vocab_pruning
@@ -62,6 +62,8 @@ def resolve_exit_policy(config: EarlyExitConfig, num_layers: int, options: ExitD
     metric_name = metric.name if isinstance(metric, ConfidenceMetric) else metric
     if options.accuracy_level is not None:
         metric_name, thresholds = select_thresholds(config, options.accuracy_level, metric_name, pruning)
+    elif options.depth_budget is not None:
+        metric_name, thresholds = select_budget_thresholds(config, options.depth_budget, metric_name, pruning)
     elif options.exit_thresholds is not None:
         thresholds = list(options.exit_thresholds)
         if len(thresholds) != len(exits):

@@ -95,6 +95,9 @@ class CalibrationTable:
             `None`; thresholds only hold under the same pruning.
         costs: the measured costs the thresholds were chosen with (`ExitCosts.to_dict()`), or `None` when they
             were chosen by depth alone.
+        budgets: target average depth (layers per token) -> the most accurate thresholds of the calibration's family
+            within it and their outcome on the calibration tokens (`calibration.calibrate_budget`), for decoding with
+            `depth_budget`; empty unless budgets were calibrated.
         on_policy: for tables calibrated on the model's own generations (`calibration.calibrate_on_policy`), per
             level ("0.9"): the rounds run, whether the thresholds settled, the share of the last round's tokens whose
             exit its recalibration changed, and that round's tokens; `None` for tables calibrated on fixed text.
@@ -110,6 +113,7 @@ class CalibrationTable:
     levels: dict[float, PolicyOutcome] = field(default_factory=dict)
     vocab_pruning: dict | None = None
     costs: dict | None = None
+    budgets: dict[float, PolicyOutcome] = field(default_factory=dict)
     on_policy: dict | None = None
 
     @property
@@ -119,16 +123,24 @@ class CalibrationTable:
 
     def to_dict(self) -> dict:
         """JSON-ready form, as stored in `EarlyExitConfig.calibration`."""
-        values = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "levels"}
-        values["levels"] = {f"{level:g}": outcome.to_dict() for level, outcome in sorted(self.levels.items())}
+        values = {name: getattr(self, name) for name in self.__dataclass_fields__ if name not in _OUTCOMES}
+        for name in _OUTCOMES:
+            values[name] = {f"{key:g}": outcome.to_dict() for key, outcome in sorted(getattr(self, name).items())}
         return values
 
     @classmethod
     def from_dict(cls, values: dict) -> CalibrationTable:
         """The inverse of `to_dict`."""
-        fields = {name: values.get(name) for name in cls.__dataclass_fields__ if name != "levels"}
-        levels = {float(level): PolicyOutcome.from_dict(outcome) for level, outcome in values["levels"].items()}
-        return cls(**fields, levels=levels)
+        fields = {name: values.get(name) for name in cls.__dataclass_fields__ if name not in _OUTCOMES}
+        outcomes = {
+            name: {float(key): PolicyOutcome.from_dict(outcome) for key, outcome in (values.get(name) or {}).items()}
+            for name in _OUTCOMES
+        }
+        return cls(**fields, **outcomes)
+
+
+#: The fields of a `CalibrationTable` that map a number (a level, a depth) to a `PolicyOutcome`.
+_OUTCOMES = ("levels", "budgets")
 
 
 def table_key(metric: str, vocab_pruning: VocabPruningConfig | None = None) -> str:
@@ -167,6 +179,49 @@ def select_thresholds(
     """
     if not 0.0 < level < 1.0:
         raise CalibrationError(f"Accuracy level {level} is outside (0, 1); use e.g. 0.9 for 90% agreement.")
+    metric, table = _table_for(config, metric, vocab_pruning)
+    stricter = sorted(candidate for candidate in table.levels if candidate >= level - 1e-12)
+    if not stricter:
+        calibrated = ", ".join(f"{value:g}" for value in sorted(table.levels))
+        raise CalibrationError(
+            f"Level {level} is stricter than every calibrated level ({calibrated}); "
+            "calibrate for it with `early-exit calibrate --levels ...`."
+        )
+    return metric, table.levels[stricter[0]].thresholds
+
+
+def select_budget_thresholds(
+    config: EarlyExitConfig,
+    mean_layers: float,
+    metric: str | None = None,
+    vocab_pruning: VocabPruningConfig | None = None,
+) -> tuple[str, list[float]]:
+    """The metric and per-exit thresholds to run within an average of `mean_layers` layers per token: those of the
+    deepest calibrated budget that does not exceed it (the most accurate that fits).
+
+    Raises:
+        CalibrationError: the heads are not calibrated (for `metric` with this pruning), or no budget was
+            calibrated at or below `mean_layers`.
+    """
+    metric, table = _table_for(config, metric, vocab_pruning)
+    within = sorted(budget for budget in table.budgets if budget <= mean_layers + 1e-9)
+    if not within:
+        calibrated = ", ".join(f"{value:g}" for value in sorted(table.budgets)) or "none"
+        raise CalibrationError(
+            f"No depth budget of {mean_layers:g} layers or less is calibrated for {table.key!r} (calibrated: "
+            f"{calibrated}); calibrate one with `early-exit calibrate --budgets {mean_layers:g}`."
+        )
+    return metric, table.budgets[within[-1]].thresholds
+
+
+def _table_for(
+    config: EarlyExitConfig, metric: str | None, vocab_pruning: VocabPruningConfig | None
+) -> tuple[str, CalibrationTable]:
+    """The calibration table decoding with `metric` (default: the calibration's default) and `vocab_pruning` reads.
+
+    Raises:
+        CalibrationError: the heads are not calibrated for it, or for other exits.
+    """
     stored = config.calibration or {}
     tables = stored.get("tables", {})
     if not tables:
@@ -187,11 +242,4 @@ def select_thresholds(
             f"The {key} calibration was made for exits {table.exit_layers}, but the heads sit at "
             f"{list(config.exit_layers)}: calibrate again."
         )
-    stricter = sorted(candidate for candidate in table.levels if candidate >= level - 1e-12)
-    if not stricter:
-        calibrated = ", ".join(f"{value:g}" for value in sorted(table.levels))
-        raise CalibrationError(
-            f"Level {level} is stricter than every calibrated level ({calibrated}); "
-            "calibrate for it with `early-exit calibrate --levels ...`."
-        )
-    return metric, table.levels[stricter[0]].thresholds
+    return metric, table
