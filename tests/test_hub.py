@@ -376,6 +376,12 @@ def test_the_trainer_push_fails_offline_as_the_model_push_does(tmp_path):
         model.push_to_hub("me/heads")
     assert str(from_trainer.value) == str(from_model.value)
     assert "hf upload me/heads" in str(from_trainer.value)
+    # With push_to_hub=True the trainer makes the repo as it starts: the same error, then.
+    pushing = EarlyExitTrainingArguments(
+        str(tmp_path / "run"), hub_model_id="me/heads", push_to_hub=True, report_to=[], use_cpu=True
+    )
+    with pytest.raises(HubUnreachableError, match="push the heads to me/heads.*not reachable"):
+        EarlyExitTrainer(model, pushing)
 
 
 def test_the_trainer_pushes_the_heads_folder_and_nothing_else(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ its own. Users keep everything `Trainer` gives: `TrainingArguments`, accelerate,
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from transformers import Trainer, TrainingArguments
 
 from ..architectures import unwrap_model
 from ..data import DistillationCollator, require_examples
-from ..hub import upload_heads
+from ..hub import explain_unreachable_hub, upload_heads
 from ..modeling_early_exit import EarlyExitForCausalLM
 from .evaluation import ExitAgreement
 from .hidden_cache import HiddenStateCache
@@ -131,14 +132,16 @@ class EarlyExitTrainer(Trainer):
                 eval_dataset = {name: cache(dataset) for name, dataset in eval_dataset.items()}
             elif eval_dataset is not None:
                 eval_dataset = cache(eval_dataset)
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            **kwargs,
-        )
+        # With `push_to_hub=True`, `Trainer` creates the Hub repo now: offline, say so as `push_to_hub` does.
+        with explain_unreachable_hub(_hub_repo_id(args)) if args.push_to_hub else nullcontext():
+            super().__init__(
+                model=model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                **kwargs,
+            )
         self.exit_loss_weights = args.loss_weights(model.exit_layers)
 
     # --- the objective ------------------------------------------------------------------------------------------
@@ -282,7 +285,7 @@ class EarlyExitTrainer(Trainer):
         self.save_model()
         return upload_heads(
             self.args.output_dir,
-            self.args.hub_model_id or Path(self.args.output_dir).absolute().name,
+            _hub_repo_id(self.args),
             private=self.args.hub_private_repo,
             token=token or self.args.hub_token,
             revision=revision,
@@ -296,6 +299,11 @@ class EarlyExitTrainer(Trainer):
 
     def _load_best_model(self) -> None:
         self.accelerator.unwrap_model(self.model).load_trained_weights(self.state.best_model_checkpoint)
+
+
+def _hub_repo_id(args: TrainingArguments) -> str:
+    """The Hub repo the trainer pushes to: `hub_model_id`, else the output folder's name (as `Trainer` names it)."""
+    return args.hub_model_id or Path(args.output_dir).absolute().name
 
 
 def _named_eval_sets(eval_dataset: Dataset | dict[str, Dataset] | None) -> list[tuple[str, Dataset | None]]:
