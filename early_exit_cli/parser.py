@@ -50,7 +50,7 @@ def non_negative_int(text: str) -> int:
 
 
 def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--device` and `--dtype`, for every command that loads a model (read by `commands.model_placement`)."""
+    """`--device` and `--dtype`, for every command that loads a model (read by `placement.model_placement`)."""
     parser.add_argument("--device", help="where to run the model, e.g. cpu, cuda, cuda:1, mps (default: cpu)")
     parser.add_argument(
         "--dtype", choices=DTYPES, help="dtype to load the weights in (default: the base model's, as saved)"

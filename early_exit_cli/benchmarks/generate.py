@@ -30,8 +30,8 @@ from early_exit.data import format_prompt, load_prompts  # noqa: E402
 from early_exit.default_model import load_base_tokenizer  # noqa: E402
 from early_exit.reporting import benchmark_page  # noqa: E402
 
-from ..commands import SHIPPED_HEADS, model_placement  # noqa: E402
 from ..parser import add_placement_arguments, positive_int  # noqa: E402
+from ..placement import SHIPPED_HEADS, model_placement  # noqa: E402
 
 #: How the report names the command when `main` is given no `prog` (the script that runs this module).
 SCRIPT = "python examples/benchmark_generate.py"

@@ -46,8 +46,8 @@ from early_exit.default_model import load_base_tokenizer  # noqa: E402
 from early_exit.generation import DEFAULT_MAX_DRAFT_TOKENS  # noqa: E402
 from early_exit.reporting import benchmark_page  # noqa: E402
 
-from ..commands import SHIPPED_HEADS, model_placement  # noqa: E402
 from ..parser import add_placement_arguments, non_negative_int, positive_int  # noqa: E402
+from ..placement import SHIPPED_HEADS, model_placement  # noqa: E402
 from .generate import encode, timed  # noqa: E402
 
 #: How the report names the command when `main` is given no `prog` (the script that runs this module).
