@@ -10,9 +10,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny_models import VOCAB, tiny_model
+from test_calibration import _trained_tiny_model
+from tiny_models import VOCAB
 
-import early_exit
 from early_exit.calibration import (
     calibrate_on_policy,
     calibrate_table,
@@ -24,13 +24,12 @@ from early_exit.data.corpus import TokenBlocks
 from early_exit.errors import InvalidOptionError
 from early_exit.generation import ExitDecodingConfig
 
-EXITS = [1, 2, 3]
-
 
 @pytest.fixture(scope="module")
-def model():
+def model(tmp_path_factory):
+    """A tiny model whose heads were trained on its own predictions (as test_calibration trains them)."""
     torch.manual_seed(0)
-    return early_exit.add_exit_heads(tiny_model("llama", initializer_range=0.3), EXITS).eval()
+    return _trained_tiny_model(tmp_path_factory.mktemp("on-policy"))
 
 
 def _prompts(seed: int, count: int = 8, length: int = 5) -> list[torch.LongTensor]:
