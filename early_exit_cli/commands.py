@@ -492,20 +492,14 @@ def _verify_in_free_generation(
 ) -> None:
     """Print, per table and level, the agreement of the model's own greedy generations with the full model's token on
     the same prefix (with its 95% interval) and the mean layers run; a level is kept when the agreement reaches it."""
-    from early_exit.calibration import free_generation
+    from early_exit.calibration import free_generation, policy_options
 
     print(f"Free generation: {len(prompts)} prompts, up to {args.max_new_tokens} new tokens each, greedy")
     print(f"{'table':<24}{'level':>7}{'agreement':>11}{'95% interval':>17}{'layers':>8}  kept")
     failures = 0
     for table in tables:
-        pruning = VocabPruningConfig.from_dict(table.vocab_pruning)
         for level, outcome in sorted(table.levels.items()):
-            options = ExitDecodingConfig(
-                exit_thresholds=outcome.thresholds,
-                confidence_metric=table.metric,
-                vocab_pruning=pruning if pruning is not None else False,
-            )
-            measured = free_generation(model, prompts, options, args.max_new_tokens)
+            measured = free_generation(model, prompts, policy_options(table, outcome.thresholds), args.max_new_tokens)
             kept = measured.agreement >= level
             failures += not kept
             low, high = measured.interval
@@ -571,6 +565,8 @@ def generate(args: argparse.Namespace) -> None:
         for prompt in prompts
     ]
     if args.compare:
+        from early_exit.calibration import agreeing_tokens
+
         from .benchmarks import generate as benchmark
 
         print(
@@ -630,7 +626,7 @@ def generate(args: argparse.Namespace) -> None:
             f"{output.layers_run.float().mean().item():.1f}"
         )
         if args.compare:
-            counts = benchmark.agreement(model, encoded, output.sequences, end_of_text)
+            counts = agreeing_tokens(model, output.sequences, encoded["input_ids"].shape[1], end_of_text)
             agreed, total = agreed + counts[0], total + counts[1]
             print(f"{summary}, {counts[0]} of {counts[1]} equal to the full model's greedy token")
             continue

@@ -22,6 +22,7 @@ SLIDING = {"mistral", "qwen2", "gemma2", "gemma3_text"}  # tiny configs with a s
 thresholds = st.lists(st.one_of(st.none(), st.floats(0.0, 1.0)), min_size=3, max_size=3)
 # Drafts copied from the context on single-token matches, which the tiny models' random text has often enough.
 LOOKUP_UNIGRAMS = dict(prompt_lookup_num_tokens=3, max_matching_ngram_size=1)
+NO_LOOKUP = dict(prompt_lookup_num_tokens=0)  # the exits' drafts alone (copies are on by default)
 
 
 def _speculative(model, ids, mask, **kwargs) -> SpeculativeGenerateOutput:
@@ -41,7 +42,7 @@ def _speculative(model, ids, mask, **kwargs) -> SpeculativeGenerateOutput:
     max_draft_tokens=st.integers(0, 5),
     eos=st.one_of(st.none(), st.integers(3, VOCAB - 1)),
     repetition_penalty=st.sampled_from([1.0, 1.3]),
-    prompt_lookup=st.sampled_from([{}, dict(prompt_lookup_num_tokens=3), LOOKUP_UNIGRAMS]),
+    prompt_lookup=st.sampled_from([NO_LOOKUP, {}, LOOKUP_UNIGRAMS]),
 )
 def test_greedy_output_equals_base_generate(
     model_type, seed, batch, length, exit_thresholds, max_draft_tokens, eos, repetition_penalty, prompt_lookup
@@ -79,7 +80,7 @@ def test_drafts_are_taken_and_rejected_on_the_way():
 
 
 # --- the cache: shared, never recomputed, right after rollback ---------------------------------------------------
-@pytest.mark.parametrize("prompt_lookup", [{}, LOOKUP_UNIGRAMS])
+@pytest.mark.parametrize("prompt_lookup", [NO_LOOKUP, LOOKUP_UNIGRAMS])
 def test_every_position_runs_each_layer_exactly_once(prompt_lookup):
     """Drafts' shallow layers are reused by verification and the prefix never runs again: each layer sees the
     prompt once and each opened slot (the cycle's first token and its drafts, copied ones too) once."""
@@ -116,7 +117,7 @@ def test_every_position_runs_each_layer_exactly_once(prompt_lookup):
     seed=st.integers(0, 10_000),
     exit_thresholds=thresholds,
     max_draft_tokens=st.integers(1, 4),
-    prompt_lookup=st.sampled_from([{}, LOOKUP_UNIGRAMS]),
+    prompt_lookup=st.sampled_from([NO_LOOKUP, LOOKUP_UNIGRAMS]),
 )
 def test_cache_after_rollback_is_one_full_forward_pass(
     model_type, seed, exit_thresholds, max_draft_tokens, prompt_lookup
@@ -149,7 +150,7 @@ def test_cache_after_rollback_is_one_full_forward_pass(
 
 def _lookup_drafts(output: SpeculativeGenerateOutput, model, ids, mask, **kwargs) -> int:
     """How many more drafts `output`'s run made than the same run without prompt lookup."""
-    return int(output.drafted.sum()) - int(_speculative(model, ids, mask, **kwargs).drafted.sum())
+    return int(output.drafted.sum()) - int(_speculative(model, ids, mask, **NO_LOOKUP, **kwargs).drafted.sum())
 
 
 def test_copied_drafts_are_taken_and_rejected_and_merge_with_exit_drafts():
@@ -188,13 +189,11 @@ def test_prompt_lookup_copies_what_followed_the_latest_longest_match(sequence, s
 
 
 def test_max_matching_ngram_size_reaches_the_lookup_and_bad_values_are_refused():
+    """Every token occurs once in the prompt: the first new token always matches as a unigram, never as a bigram."""
     model = _model("llama")
-    ids = torch.tensor([[5, 17, 33, 8, 40, 5, 17, 33, 8, 40, 5, 17]])
-    arguments = dict(ids=ids, mask=None, max_new_tokens=10, prompt_lookup_num_tokens=3)
-    assert torch.equal(
-        _speculative(model, max_matching_ngram_size=1, **arguments).sequences,
-        model.base.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0),
-    )
+    arguments = dict(ids=torch.arange(3, VOCAB)[None], mask=None, max_new_tokens=2, max_draft_tokens=4)
+    assert _speculative(model, **arguments).drafted[0, 0] == 0  # n-grams of 3 down to 2 by default
+    assert _speculative(model, max_matching_ngram_size=1, **arguments).drafted[0, 0] == DEFAULT_LOOKUP_TOKENS
     with pytest.raises(InvalidOptionError, match="max_ngram_size must be a positive integer"):
         _speculative(model, max_matching_ngram_size=0, **arguments)
 
@@ -358,4 +357,5 @@ def test_drafts_are_copied_from_the_context_by_default():
     ids = torch.arange(3, VOCAB)[None]  # every token the first new one can be: a unigram match is sure
     arguments = dict(max_new_tokens=2, max_draft_tokens=4, max_matching_ngram_size=1)
     assert _speculative(model, ids, None, **arguments).drafted[0, 0] == DEFAULT_LOOKUP_TOKENS
-    assert _speculative(model, ids, None, prompt_lookup_num_tokens=0, **arguments).drafted.sum() == 0
+    assert _speculative(model, ids, None, prompt_lookup_num_tokens=2, **arguments).drafted[0, 0] == 2
+    assert _speculative(model, ids, None, **NO_LOOKUP, **arguments).drafted.sum() == 0

@@ -24,7 +24,15 @@ from .calibrate import (
     threshold_family,
 )
 from .costs import measure_exit_costs
-from .on_policy import DEFAULT_ROUNDS, FreeGeneration, GeneratedText, calibrate_on_policy, free_generation
+from .on_policy import (
+    DEFAULT_ROUNDS,
+    FreeGeneration,
+    GeneratedText,
+    agreeing_tokens,
+    calibrate_on_policy,
+    free_generation,
+    policy_options,
+)
 from .scores import ExitScores, collect_exit_scores
 
 __all__ = [
@@ -36,6 +44,7 @@ __all__ = [
     "ExitScores",
     "FreeGeneration",
     "GeneratedText",
+    "agreeing_tokens",
     "PolicyOutcome",
     "binomial_cdf",
     "calibrate_budget",
@@ -50,6 +59,7 @@ __all__ = [
     "measure_exit_costs",
     "minimum_tokens",
     "policy_curve",
+    "policy_options",
     "select_budget_thresholds",
     "select_thresholds",
     "store_calibration",

@@ -18,6 +18,7 @@ states covers tokens exchangeable with them, from prompts like the calibration p
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -82,6 +83,29 @@ class FreeGeneration:
     mean_layers: float
 
 
+def policy_options(table: CalibrationTable, thresholds: list[float]) -> ExitDecodingConfig:
+    """Decoding options that run `thresholds` as `table` scores them: its metric and its vocabulary pruning."""
+    pruning = VocabPruningConfig.from_dict(table.vocab_pruning)
+    return ExitDecodingConfig(
+        exit_thresholds=thresholds,
+        confidence_metric=table.metric,
+        vocab_pruning=pruning if pruning is not None else False,
+    )
+
+
+@torch.no_grad()
+def agreeing_tokens(
+    model: EarlyExitForCausalLM, sequences: torch.LongTensor, prompt_length: int, excluded: Sequence[int] = ()
+) -> tuple[int, int]:
+    """Of the tokens after the first `prompt_length` of `sequences` ((batch, length), unpadded), how many equal the
+    full model's greedy token on the same prefix, and how many there are. `excluded` tokens are never the full
+    model's choice (e.g. end of sequence, when generation was told not to end)."""
+    logits = model.base(sequences.to(model.device)).logits[:, prompt_length - 1 : -1]
+    logits[..., list(excluded)] = float("-inf")
+    generated = sequences[:, prompt_length:].to(logits.device)
+    return int((logits.argmax(-1) == generated).sum()), generated.numel()
+
+
 @torch.no_grad()
 def generate_text(
     model: EarlyExitForCausalLM,
@@ -136,10 +160,8 @@ def free_generation(
     token on the same (generated) prefix, with a 95% confidence interval, and the mean layers run."""
     text, exits = generate_text(model, prompts, options, max_new_tokens, batch_size)
     require_examples(text, "free-generation")
-    agreed = 0
-    for ids, length in zip(text.sequences, text.prompt_lengths):
-        logits = model.base(ids[None].to(model.device)).logits[0, length - 1 : -1]
-        agreed += int((logits.argmax(-1).cpu() == ids[length:]).sum())
+    pairs = zip(text.sequences, text.prompt_lengths)
+    agreed = sum(agreeing_tokens(model, ids[None], length)[0] for ids, length in pairs)
     tokens = text.num_generated
     layers = torch.cat(exits).double()
     return FreeGeneration(agreed / tokens, tokens, clopper_pearson(agreed, tokens), float(layers.mean()))
@@ -179,12 +201,7 @@ def calibrate_on_policy(
         thresholds, rounds_run, settled = outcome.thresholds, 0, False
         while not settled and rounds_run < rounds:
             rounds_run += 1
-            options = ExitDecodingConfig(
-                exit_thresholds=thresholds,
-                confidence_metric=start.metric,
-                vocab_pruning=pruning if pruning is not None else False,
-            )
-            text, _ = generate_text(model, prompts, options, max_new_tokens, batch_size)
+            text, _ = generate_text(model, prompts, policy_options(start, thresholds), max_new_tokens, batch_size)
             scores = collect_exit_scores(model, text, [start.metric], vocab_pruning=pruning)
             values, correct = scores.scores[start.metric], scores.correct
             proposed = calibrate_level(scores, start.metric, level, method, delta, costs=costs).thresholds

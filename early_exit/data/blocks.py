@@ -62,8 +62,7 @@ def hidden_states_over_blocks(
     description: str = "running the model",
 ) -> Iterator[BlockStates]:
     """Run `model`'s base over `dataset` (items with `input_ids`, `attention_mask` and optionally `scored_mask`) in
-    eval mode, with a progress
-    bar, yielding each batch's hidden states at the exits and the last layer.
+    eval mode, with a progress bar, yielding each batch's hidden states at the exits and the last layer.
 
     With `bf16`, the base runs under bfloat16 autocast, and so does whatever the caller computes from a batch before
     asking for the next one (the generator is suspended inside the autocast).

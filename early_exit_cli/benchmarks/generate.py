@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from early_exit import EarlyExitForCausalLM, ExitDecodingConfig  # noqa: E402
-from early_exit.calibration import DEFAULT_LEVELS  # noqa: E402
+from early_exit.calibration import DEFAULT_LEVELS, agreeing_tokens  # noqa: E402
 from early_exit.data import format_prompt, load_prompts  # noqa: E402
 from early_exit.default_model import load_base_tokenizer  # noqa: E402
 from early_exit.reporting import benchmark_page  # noqa: E402
@@ -73,16 +73,6 @@ def eos_token_ids(model: EarlyExitForCausalLM) -> list[int]:
     """The base model's end-of-sequence token ids (its generation config may name one, several or none)."""
     eos = model.base.generation_config.eos_token_id
     return [eos] if isinstance(eos, int) else list(eos or [])
-
-
-@torch.no_grad()
-def agreement(model: EarlyExitForCausalLM, batch: dict, sequences: torch.Tensor, eos: list[int]) -> tuple[int, int]:
-    """How many generated tokens equal the full model's greedy token on the same prefix, out of how many (with the
-    end-of-sequence tokens excluded, as `min_new_tokens` excludes them while generating)."""
-    prompt_length = batch["input_ids"].shape[1]
-    logits = model.base(sequences).logits[:, prompt_length - 1 : -1]
-    logits[..., eos] = float("-inf")
-    return int((logits.argmax(-1) == sequences[:, prompt_length:]).sum()), sequences[:, prompt_length:].numel()
 
 
 @torch.no_grad()
@@ -176,7 +166,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         speed, outputs = results[label, prune]
         agreed = total = 0
         for batch, output in zip(batches, outputs):
-            counts = agreement(model, batch, output.sequences, eos)
+            counts = agreeing_tokens(model, output.sequences, batch["input_ids"].shape[1], eos)
             agreed, total = agreed + counts[0], total + counts[1]
         exits = torch.cat([output.exit_layers.flatten().float() for output in outputs])
         heads = sum(output.head_seconds for output in outputs)
