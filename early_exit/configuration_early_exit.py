@@ -36,9 +36,12 @@ class EarlyExitConfig(PreTrainedConfig):
         base_model_revision: revision of the base model on the Hub.
         exit_layers: where the exits sit, as the number of decoder layers run before the exit (1 to depth - 1), or
             as fractions of depth in (0, 1) which are resolved to layer numbers when the heads are attached.
-        head_type: a name in `early_exit.heads.HEAD_TYPES`: "residual_adapter" (default; a small residual MLP
-            that starts as the identity, followed by the base's own final norm and LM head), "linear" (an
-            independent norm and Linear(d, V) per exit, as in Valade 2024) or "logit_lens" (no parameters).
+        head_type: a name in `early_exit.heads.HEAD_TYPES` for every exit: "residual_adapter" (default; a small
+            residual MLP that starts as the identity, followed by the base's own final norm and LM head), "attention"
+            (a decoder block of its own, attending over the context), "linear" (an independent norm and Linear(d, V)
+            per exit, as in Valade 2024) or "logit_lens" (no parameters); or a list of names, one per entry of
+            `exit_layers` in the same order, to give exits heads of different types (e.g. attention only at the
+            deep exits, where it pays).
         adapter_size: bottleneck width of the residual adapter; `None` means the base's hidden size.
         base_model_type, base_hidden_size, base_num_hidden_layers, base_vocab_size: the base model's shape, recorded
             when the heads are attached and checked when they are loaded again.
@@ -61,7 +64,7 @@ class EarlyExitConfig(PreTrainedConfig):
     base_model_name_or_path: str | None = None
     base_model_revision: str | None = None
     exit_layers: list[int | float] | None = None
-    head_type: str = "residual_adapter"
+    head_type: str | list[str] = "residual_adapter"
     adapter_size: int | None = None
     base_model_type: str | None = None
     base_hidden_size: int | None = None
@@ -88,8 +91,7 @@ class EarlyExitConfig(PreTrainedConfig):
             _optional_text(name, getattr(self, name))
         _check_base_model(self.base_model_name_or_path)
         _check_exit_layers(self.exit_layers)
-        if not isinstance(self.head_type, str) or not self.head_type:
-            raise InvalidOptionError(f"head_type must be a head type's name, got {self.head_type!r}.")
+        _check_head_type(self.head_type, self.exit_layers)
         for name in ("adapter_size", "base_hidden_size", "base_num_hidden_layers", "base_vocab_size"):
             _optional_positive_integer(name, getattr(self, name))
         _check_base_adapter(self.base_adapter)
@@ -139,10 +141,20 @@ class EarlyExitConfig(PreTrainedConfig):
             InvalidOptionError: an entry is neither a layer number nor a fraction in (0, 1), an exit is not inside the
                 layer stack, or two entries name the same layer.
         """
-        _check_exit_layers(self.exit_layers)  # again: the field may have been set after the config was made
+        return sorted(self.resolve_head_types(num_layers))
+
+    def resolve_head_types(self, num_layers: int) -> dict[int, str]:
+        """Each exit's layer number (fractions resolved against depth) and the type of its head, by layer.
+
+        Raises:
+            InvalidOptionError: as `resolve_exit_layers`, or `head_type` is a list of another length than `exit_layers`.
+        """
+        _check_exit_layers(self.exit_layers)  # again: the fields may have been set after the config was made
         requested = list(DEFAULT_EXIT_LAYERS if self.exit_layers is None else self.exit_layers)
-        resolved = []
-        for entry in requested:
+        _check_head_type(self.head_type, requested)
+        names = [self.head_type] * len(requested) if isinstance(self.head_type, str) else list(self.head_type)
+        resolved: dict[int, str] = {}
+        for entry, name in zip(requested, names, strict=True):
             if not isinstance(entry, numbers.Integral):  # a fraction of depth
                 layer = max(1, min(num_layers - 1, round(entry * num_layers)))
             else:
@@ -152,10 +164,25 @@ class EarlyExitConfig(PreTrainedConfig):
                     f"Exit layer {entry} is outside the model: a model with {num_layers} layers takes exits after "
                     f"layers 1 to {num_layers - 1} (the final layer is the model's own output), or fractions in (0, 1)."
                 )
-            resolved.append(layer)
-        if len(set(resolved)) != len(resolved):
-            raise InvalidOptionError(f"Exit layers {requested} name the same layer twice (resolved to {resolved}).")
-        return sorted(resolved)
+            if layer in resolved:
+                raise InvalidOptionError(
+                    f"Exit layers {requested} name the same layer twice ({entry} is layer {layer} again)."
+                )
+            resolved[layer] = name
+        return resolved
+
+    def head_type_at(self, layer: int) -> str:
+        """The type of the head of the exit after `layer`, one of the resolved `exit_layers`."""
+        if isinstance(self.head_type, str):
+            return self.head_type
+        return self.head_type[list(self.exit_layers).index(layer)]
+
+    def exits_by_head_type(self) -> dict[str, list[int]]:
+        """The resolved exit layers grouped by the type of their heads, in the order the types first appear."""
+        grouped: dict[str, list[int]] = {}
+        for layer in self.exit_layers:
+            grouped.setdefault(self.head_type_at(layer), []).append(layer)
+        return grouped
 
 
 def _optional_text(name: str, value: Any) -> None:
@@ -168,6 +195,21 @@ def _optional_positive_integer(name: str, value: Any) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise InvalidOptionError(f"{name} must be a positive integer or None, got {value!r}.")
+
+
+def _check_head_type(head_type: Any, exit_layers: Any) -> None:
+    if isinstance(head_type, str) and head_type:
+        return
+    if not isinstance(head_type, list | tuple) or not all(isinstance(name, str) and name for name in head_type):
+        raise InvalidOptionError(
+            f"head_type must be a head type's name, or a list of names (one per exit layer), got {head_type!r}."
+        )
+    count = len(DEFAULT_EXIT_LAYERS if exit_layers is None else exit_layers)
+    if len(head_type) != count:
+        raise InvalidOptionError(
+            f"head_type lists {len(head_type)} head types for {count} exit layers: give one per exit layer, in the "
+            "order of exit_layers, or one name for all."
+        )
 
 
 def _check_base_model(name_or_path: Any) -> None:

@@ -60,14 +60,12 @@ def _what_they_are(
 ) -> list[str]:
     layers, depth = list(config.exit_layers), config.base_num_hidden_layers
     share = 100.0 * head_parameters / base_parameters
-    head_class = HEAD_TYPES.get(config.head_type)
-    described = inspect.getdoc(head_class).split("\n\n")[0].replace("\n", " ").rstrip(".") if head_class else None
     lines = [
         f"{len(layers)} exit heads after layers {', '.join(map(str, layers))} of the base model's {depth}: an exit "
         "lets decoding emit a token without running the layers after it when the exit is confident enough, and "
         "self-speculative decoding uses the exits to draft tokens that the full model verifies.",
         "",
-        f"- Head type: `{config.head_type}`" + (f" ({described})" if described else ""),
+        *_head_types(config),
         f"- Parameters: {head_parameters:,} in all, {share:.2f}% of the base model's {base_parameters:,}",
     ]
     if hub_base:
@@ -86,6 +84,19 @@ def _what_they_are(
         )
     lines.append("- Only the heads are stored here, never the base model's weights.")
     return [*lines, ""]
+
+
+def _head_types(config: EarlyExitConfig) -> list[str]:
+    grouped = config.exits_by_head_type()
+    lines = []
+    for name, layers in grouped.items():
+        head_class = HEAD_TYPES.get(name)
+        described = inspect.getdoc(head_class).split("\n\n")[0].replace("\n", " ").rstrip(".") if head_class else None
+        where = (
+            f" after layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}" if len(grouped) > 1 else ""
+        )
+        lines.append(f"- Head type: `{name}`{where}" + (f" ({described})" if described else ""))
+    return lines
 
 
 def _usage(config: EarlyExitConfig, hub_base: str | None) -> list[str]:

@@ -118,7 +118,10 @@ class EarlyExitForCausalLM(PreTrainedModel):
         super().__init__(config)
         decoder = get_decoder_adapter(base_model)
         _record_or_check_base_shape(config, decoder)
-        config.exit_layers = config.resolve_exit_layers(decoder.num_layers)
+        head_types = config.resolve_head_types(decoder.num_layers)
+        config.exit_layers = sorted(head_types)
+        if not isinstance(config.head_type, str):  # kept in the order of the exits, which are now sorted
+            config.head_type = [head_types[layer] for layer in config.exit_layers]
         self.base = base_model
         self.exit_heads = nn.ModuleDict(
             {str(layer): build_head(decoder, config, layer) for layer in config.exit_layers}
@@ -667,18 +670,25 @@ def _has_loaded_adapter(model: EarlyExitForCausalLM) -> bool:
             f"Cannot save these heads: the base model has several adapters active at once ({', '.join(active)}), "
             "and a heads folder holds one. Make one active (model.base.set_adapter(name)) and save again."
         )
-    head_class = HEAD_TYPES[model.config.head_type]
     with torch.device("meta"):  # the heads loading would build, without allocating weights where they are new
-        rebuilt = [head_class.build(model.decoder, model.config, layer) for layer in model.exit_layers]
-    if any(
-        isinstance(module, BaseTunerLayer)
-        for head in [*model.exit_heads.values(), *rebuilt]
-        for module in head.modules()
-    ):
+        rebuilt = {
+            layer: HEAD_TYPES[model.config.head_type_at(layer)].build(model.decoder, model.config, layer)
+            for layer in model.exit_layers
+        }
+    copying = sorted(
+        {
+            layer
+            for layer in model.exit_layers
+            for head in (model.exit_heads[str(layer)], rebuilt[layer])
+            if any(isinstance(module, BaseTunerLayer) for module in head.modules())
+        }
+    )
+    if copying:
         # Such heads depend on whether, and under which name, the adapter was loaded when they were built; the folder
         # records neither, and loading builds them on the base with the adapter applied under PEFT's default name.
+        kinds = ", ".join(f"`{model.config.head_type_at(layer)}` after layer {layer}" for layer in copying)
         raise CheckpointError(
-            f"Cannot save these heads with the base model's adapter: `{model.config.head_type}` heads hold copies of "
+            f"Cannot save these heads with the base model's adapter: the heads ({kinds}) hold copies of "
             "base layers the adapter changes, which loading could not rebuild as they are. Save heads that copy no "
             "layers (residual_adapter, linear, logit_lens) with it, or tune the adapter jointly with the heads "
             "(peft.get_peft_model(base, ...) before early_exit.add_exit_heads)."

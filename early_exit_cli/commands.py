@@ -31,7 +31,8 @@ from .placement import SHIPPED_HEADS, model_placement
 
 def _new_heads(args: argparse.Namespace) -> dict[str, Any]:
     """The `EarlyExitConfig` fields --head-type and --adapter-size set; those not given keep the library's default."""
-    fields = {"head_type": args.head_type, "adapter_size": args.adapter_size}
+    head_type = args.head_type[0] if args.head_type and len(args.head_type) == 1 else args.head_type
+    fields = {"head_type": head_type, "adapter_size": args.adapter_size}
     return {name: value for name, value in fields.items() if value is not None}
 
 
@@ -124,9 +125,10 @@ def info(args: argparse.Namespace) -> None:
     print(f"layers          {model.num_layers}  hidden size {model.hidden_size}  vocabulary {model.vocab_size}")
     print(f"parameters      {base_parameters:,}")
     print(f"\n{'exit after layer':>16}  {'depth':>5}  {'head type':<18}{'parameters':>12}")
-    for layer, head in model.exit_heads.items():
+    for layer, head in model.heads_by_layer().items():
         head_parameters = sum(parameter.numel() for parameter in head.parameters())
-        print(f"{layer:>16}  {int(layer) / model.num_layers:>5.2f}  {config.head_type:<18}{head_parameters:>12,}")
+        kind = config.head_type_at(layer)
+        print(f"{layer:>16}  {layer / model.num_layers:>5.2f}  {kind:<18}{head_parameters:>12,}")
     heads = model.head_parameter_count()
     print(f"\nheads in total  {heads:,} parameters = {100 * heads / base_parameters:.2f}% of the base model")
 
@@ -152,7 +154,7 @@ def agreement(args: argparse.Namespace) -> None:
     num_layers = model.num_layers
     print(
         f"\nTop-1 agreement with the final layer: {model.config.base_model_name_or_path}, {len(prompts)} prompts, "
-        f"{result.tokens} generated tokens, {model.config.head_type} heads"
+        f"{result.tokens} generated tokens, {'/'.join(model.config.exits_by_head_type())} heads"
     )
     print(f"{'exit after layer':>16}  {'depth':>5}  {'agreement':>9}")
     for layer, rate in zip(result.exit_layers, result.rates):
@@ -295,7 +297,8 @@ def report(args: argparse.Namespace) -> None:
         model = first if folder == args.heads[0] else EarlyExitForCausalLM.from_pretrained(folder, base_model=base)
         share = 100 * model.head_parameter_count() / base_parameters
         size = f" {model.config.adapter_size}" if model.config.adapter_size else ""
-        label = f"{Path(folder).name} ({model.config.head_type}{size}, {share:.1f}% of base)"
+        kinds = "/".join(model.config.exits_by_head_type())
+        label = f"{Path(folder).name} ({kinds}{size}, {share:.1f}% of base)"
         curves.append(AgreementCurve(label, held_out_agreement(model, dataset, bf16=args.bf16)))
         parameters = [sum(p.numel() for p in head.parameters()) for head in model.exit_heads.values()]
         costs[Path(folder).name] = HeadCosts(

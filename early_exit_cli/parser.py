@@ -77,8 +77,10 @@ def _add_model_arguments(parser: argparse.ArgumentParser, saved_heads: bool = Tr
     )
     parser.add_argument(
         "--head-type",
-        help="head type for new heads, a name in early_exit.HEAD_TYPES, e.g. linear or attention (default: the "
-        "library's, residual_adapter)",
+        nargs="+",
+        metavar="TYPE",
+        help="head type for new heads, a name in early_exit.HEAD_TYPES, e.g. linear or attention, or one name per "
+        "--exit-layers entry (default: the library's, residual_adapter)",
     )
     parser.add_argument(
         "--adapter-size",

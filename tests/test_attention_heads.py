@@ -1,6 +1,6 @@
-"""Exit heads that attend: an untrained one is the logit lens one layer deeper, and its own keys and values in the KV
-cache stay exactly what a full pass over the same tokens gives it on every decoding path (deferred fill, state
-propagation, DSSD's rollback, padded batches, a cache handed back and continued)."""
+"""Exit heads that attend: an untrained one is the base's last layer then its final head, and its own keys and values in
+the KV cache stay exactly what a full pass over the same tokens gives it on every decoding path (deferred fill, state
+propagation, DSSD's rollback, padded batches, a cache handed back and continued), also beside heads of other types."""
 
 from __future__ import annotations
 
@@ -20,20 +20,28 @@ from early_exit.errors import InvalidOptionError
 from early_exit.heads import AttentionHead, head_cache_slots
 
 EXITS = [1, 2, 3]
-_MODELS: dict[str, early_exit.EarlyExitForCausalLM] = {}
+#: Attention at the middle exit only, so the heads' cache slots do not line up with the exits.
+MIXED = ("residual_adapter", "attention", "residual_adapter")
+HEAD_TYPES = st.sampled_from(["attention", MIXED])
+_MODELS: dict[tuple[str, str | tuple[str, ...]], early_exit.EarlyExitForCausalLM] = {}
 
 
-def _model(model_type: str) -> early_exit.EarlyExitForCausalLM:
-    """A tiny model with attention heads whose blocks have moved away from the base layers they were copied from
-    (so a head that read the base's cache by mistake would be caught); shared, never modified by the tests."""
-    if model_type not in _MODELS:
-        model = early_exit.add_exit_heads(tiny_model(model_type, initializer_range=0.3), EXITS, head_type="attention")
+def _model(model_type: str, head_type: str | tuple[str, ...] = "attention") -> early_exit.EarlyExitForCausalLM:
+    """A tiny model with attention heads (at every exit, or as `head_type` says) whose blocks have moved away from the
+    base layers they were copied from (so a head that read the base's cache by mistake would be caught); shared,
+    never modified by the tests."""
+    if (model_type, head_type) not in _MODELS:
+        model = early_exit.add_exit_heads(
+            tiny_model(model_type, initializer_range=0.3),
+            EXITS,
+            head_type=head_type if isinstance(head_type, str) else list(head_type),
+        )
         generator = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for parameter in model.exit_heads.parameters():
                 parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
-        _MODELS[model_type] = model
-    return _MODELS[model_type]
+        _MODELS[model_type, head_type] = model
+    return _MODELS[model_type, head_type]
 
 
 def _full_pass_cache(model, sequences, mask):
@@ -61,8 +69,9 @@ def _assert_same_cache(ours, expected, mask, layers):
             )
 
 
-def _head_slots(model) -> list[int]:
-    return sorted(head_cache_slots(model.heads_by_layer(), model.num_layers).values())
+def _head_slots(model) -> dict[int, int]:
+    """The cache slot of each attending head, by exit layer."""
+    return head_cache_slots(model.heads_by_layer(), model.num_layers)
 
 
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
@@ -89,15 +98,16 @@ def test_an_untrained_attention_head_is_the_last_layer_then_the_final_head(model
     seed=st.integers(0, 10_000),
     batch=st.integers(1, 2),
     thresholds=st.lists(st.sampled_from([0.0, 0.2, 0.4, 0.6, math.inf]), min_size=3, max_size=3),
+    head_type=HEAD_TYPES,
 )
-def test_deferred_fill_leaves_the_heads_caches_of_one_full_pass(model_type, seed, batch, thresholds):
-    model = _model(model_type)
+def test_deferred_fill_leaves_the_heads_caches_of_one_full_pass(model_type, seed, batch, thresholds, head_type):
+    model = _model(model_type, head_type)
     ids, mask = _prompts(seed, batch, 5, padded=True)
     output = _greedy(model, ids, mask, max_new_tokens=10, exit_thresholds=thresholds, vocab_pruning=False)
     sequences = output.sequences[:, :-1]
     full_mask = torch.cat([mask, torch.ones(batch, sequences.shape[1] - mask.shape[1], dtype=mask.dtype)], dim=1)
     expected = _full_pass_cache(model, sequences, full_mask)
-    scored = [slot for layer, slot in zip(EXITS, _head_slots(model)) if thresholds[EXITS.index(layer)] != math.inf]
+    scored = [slot for layer, slot in _head_slots(model).items() if thresholds[EXITS.index(layer)] != math.inf]
     _assert_same_cache(output.past_key_values, expected, full_mask, list(range(model.num_layers)) + scored)
 
 
@@ -124,7 +134,7 @@ def test_state_propagation_gives_every_scored_head_every_position(model_type):
     output = _greedy(model, ids, mask, max_new_tokens=9, exit_thresholds=[0.3, 0.3, 0.3], kv_strategy="propagate")
     assert (output.exit_layers[:, 1:] < model.num_layers).any()
     cache = output.past_key_values
-    for slot in _head_slots(model):
+    for slot in _head_slots(model).values():
         assert cache.layers[slot].get_seq_length() == output.sequences.shape[1] - 1
 
 
@@ -135,11 +145,12 @@ def test_state_propagation_gives_every_scored_head_every_position(model_type):
     exit_thresholds=st.lists(st.one_of(st.none(), st.floats(0.0, 1.0)), min_size=3, max_size=3),
     max_draft_tokens=st.integers(1, 4),
     batch=st.integers(1, 2),
+    head_type=HEAD_TYPES,
 )
 def test_dssd_with_attention_heads_is_greedy_generate_and_rolls_the_heads_caches_back(
-    model_type, seed, exit_thresholds, max_draft_tokens, batch
+    model_type, seed, exit_thresholds, max_draft_tokens, batch, head_type
 ):
-    model = _model(model_type)
+    model = _model(model_type, head_type)
     batch = 1 if model_type in SLIDING else batch
     ids, mask = _prompts(seed, batch, 5, padded=batch > 1)
     expected = model.base.generate(ids, attention_mask=mask, pad_token_id=0, max_new_tokens=12, do_sample=False)
@@ -150,7 +161,7 @@ def test_dssd_with_attention_heads_is_greedy_generate_and_rolls_the_heads_caches
     if batch == 1:  # in a batch, slots one row rejected stay in the cache (masked), unlike a full pass
         sequences = output.sequences[:, :-1]
         full = _full_pass_cache(model, sequences, torch.ones_like(sequences))
-        scored = [slot for slot, value in zip(_head_slots(model), exit_thresholds) if value is not None]
+        scored = [slot for layer, slot in _head_slots(model).items() if exit_thresholds[EXITS.index(layer)] is not None]
         _assert_same_cache(output.past_key_values, full, torch.ones_like(sequences), scored)
 
 
@@ -184,10 +195,13 @@ def test_a_cache_the_heads_never_saw_is_refused():
         _greedy(model, ids, mask, max_new_tokens=3, exit_thresholds=[0.3] * 3, past_key_values=cache)
 
 
-def test_attention_heads_round_trip_through_a_save(tmp_path):
-    model = _model("qwen3")
+@pytest.mark.parametrize("head_type", ["attention", MIXED])
+def test_attention_heads_round_trip_through_a_save(tmp_path, head_type):
+    model = _model("qwen3", head_type)
     model.save_pretrained(tmp_path)
     again = early_exit.EarlyExitForCausalLM.from_pretrained(tmp_path, base_model=model.base)
+    assert again.config.head_type == model.config.head_type
+    assert [type(head) for head in again.exit_heads.values()] == [type(head) for head in model.exit_heads.values()]
     ids, _ = _prompts(4, 2, 7, padded=False)
     with torch.no_grad():
         for ours, theirs in zip(model(ids).exit_logits, again(ids).exit_logits):

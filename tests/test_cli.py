@@ -36,6 +36,28 @@ def test_info_prints_every_exit_and_the_head_share(tmp_path, capsys):
     assert "heads in total  1,088 parameters" in printed
 
 
+def test_info_takes_a_head_type_per_exit_layer_in_their_order(tmp_path, capsys):
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+    main(["info", "--model", str(tmp_path / "base"), "--exit-layers", "3", "1", "--head-type", "attention", "linear"])
+    rows = re.findall(r"^\s+(\d+)\s+[\d.]+\s+(\w+)\s+[\d,]+$", capsys.readouterr().out, flags=re.MULTILINE)
+    assert rows == [("1", "linear"), ("3", "attention")]
+    with pytest.raises(SystemExit, match="head_type lists 3 head types for 2 exit layers"):
+        main(
+            [
+                "info",
+                "--model",
+                str(tmp_path / "base"),
+                "--exit-layers",
+                "3",
+                "1",
+                "--head-type",
+                "linear",
+                "linear",
+                "attention",
+            ]
+        )
+
+
 def test_info_reads_a_saved_heads_folder(tmp_path, capsys):
     tiny_model("llama").save_pretrained(tmp_path / "base")
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")

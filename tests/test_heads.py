@@ -116,6 +116,36 @@ def test_exit_layers_outside_the_stack_are_rejected(exit_layers):
         early_exit.add_exit_heads(tiny_model("llama"), exit_layers)
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    kinds=st.lists(st.sampled_from(["residual_adapter", "linear", "logit_lens", "attention"]), min_size=1, max_size=3),
+    order=st.randoms(use_true_random=False),
+)
+def test_each_exit_gets_the_head_type_given_for_it_in_the_order_of_exit_layers(kinds, order):
+    layers = [1, 2, 3][: len(kinds)]
+    pairs = list(zip(layers, kinds))
+    order.shuffle(pairs)
+    model = early_exit.add_exit_heads(
+        tiny_model("llama"), [layer for layer, _ in pairs], head_type=[kind for _, kind in pairs]
+    )
+    assert model.exit_layers == layers
+    expected = dict(pairs)
+    assert [model.config.head_type_at(layer) for layer in layers] == [expected[layer] for layer in layers]
+    for layer, head in model.heads_by_layer().items():
+        assert type(head) is early_exit.HEAD_TYPES[expected[layer]]
+    grouped = {
+        kind: [layer for layer in layers if expected[layer] == kind] for kind in dict.fromkeys(expected.values())
+    }
+    assert model.config.exits_by_head_type() == dict(sorted(grouped.items(), key=lambda item: item[1][0]))
+
+
+def test_a_head_type_per_exit_must_name_every_exit():
+    with pytest.raises(ValueError, match="head_type lists 1 head types for 2 exit layers"):
+        early_exit.add_exit_heads(tiny_model("llama"), [1, 2], head_type=["attention"])
+    with pytest.raises(ValueError, match="residual_adapter"):  # an unknown name among them lists the known ones
+        early_exit.add_exit_heads(tiny_model("llama"), [1, 2], head_type=["attention", "no_such_head"])
+
+
 def test_unknown_head_type_lists_the_known_ones():
     with pytest.raises(ValueError, match="residual_adapter"):
         early_exit.add_exit_heads(tiny_model("llama"), [2], head_type="no_such_head")

@@ -212,6 +212,12 @@ def _attention_heads_then_adapter(tmp_path):
     return model
 
 
+def _mixed_heads_then_adapter(tmp_path):
+    model = _heads(_saved_base(tmp_path), ["residual_adapter", "attention"])  # only the attention head copies a layer
+    model.load_adapter(_lora(tmp_path))
+    return model
+
+
 def _adapter_then_attention_heads(tmp_path):
     base = _saved_base(tmp_path)
     base.load_adapter(_lora(tmp_path))
@@ -224,8 +230,12 @@ def _adapter_then_attention_heads(tmp_path):
         (_disabled, "adapters are disabled.*enable_adapters"),
         (_two_active, r"several adapters active at once \(first, second\).*set_adapter"),
         (_on_the_wrapper, "added to the EarlyExitForCausalLM itself.*model.base.add_adapter"),
-        (_attention_heads_then_adapter, "`attention` heads hold copies of base layers.*get_peft_model"),
-        (_adapter_then_attention_heads, "`attention` heads hold copies of base layers.*get_peft_model"),
+        (_attention_heads_then_adapter, r"heads \(`attention` after layer 1, `attention` after layer 3\) hold copies"),
+        (
+            _adapter_then_attention_heads,
+            r"heads \(`attention` after layer 1, `attention` after layer 3\) hold .*peft_model",
+        ),
+        (_mixed_heads_then_adapter, r"heads \(`attention` after layer 3\) hold copies of base layers"),
     ],
 )
 def test_adapters_a_save_cannot_reproduce_are_refused_and_the_folder_is_left_alone(tmp_path, make, message):
@@ -340,6 +350,15 @@ def test_the_model_card_says_which_levels_were_calibrated_on_the_heads_own_gener
     max_prob, entropy = text.split("### `max_prob`")[1], text.split("### `entropy`")[1].split("###")[0]
     assert "Calibrated on policy" in max_prob and "0.9: 2 round(s), settled" in max_prob
     assert "Calibrated on policy" not in entropy
+
+
+def test_the_model_card_names_each_head_type_and_its_exits():
+    config = EarlyExitConfig(exit_layers=[1, 2, 3], head_type=["residual_adapter", "attention", "residual_adapter"])
+    text = ModelCard(str(heads_model_card(config, 100, 10_000))).text
+    assert "- Head type: `residual_adapter` after layers 1, 3 (" in text
+    assert "- Head type: `attention` after layer 2 (A decoder block of the head's own" in text
+    uniform = ModelCard(str(heads_model_card(EarlyExitConfig(exit_layers=[1, 3]), 100, 10_000))).text
+    assert "- Head type: `residual_adapter` (" in uniform
 
 
 def test_the_saved_model_card_loads_with_huggingface_hub(tmp_path):

@@ -392,6 +392,8 @@ HAND_EDITS = [
     ({"adapter_size": 0}, "adapter_size must be a positive integer"),
     ({"adapter_size": "8"}, "adapter_size must be a positive integer"),
     ({"head_type": ""}, "head_type must be a head type's name"),
+    ({"head_type": ["attention", 3]}, "head_type must be a head type's name, or a list of names"),
+    ({"head_type": ["attention"]}, "head_type lists 1 head types for 2 exit layers"),
     ({"base_adapter": "../elsewhere"}, "base_adapter='../elsewhere' must name a subfolder"),
     ({"base_adapter": "/abs/lora"}, "base_adapter='/abs/lora' must name a subfolder"),
     ({"base_model_name_or_path": "./base"}, "base_model_name_or_path='./base' is neither a Hub id nor an absolute"),

@@ -58,13 +58,17 @@ def register_head_type(name: str) -> Callable[[HeadClass], HeadClass]:
 
 
 def build_head(decoder: DecoderAdapter, config: EarlyExitConfig, layer: int) -> ExitHead:
-    """A head of type `config.head_type` for the exit after `layer`, on the base model's device and in its dtype.
+    """A head of the type `config` gives the exit after `layer`, on the base model's device and in its dtype.
 
     Raises:
         UnknownNameError: the head type is not registered (the message lists the known ones).
     """
     weight = decoder.lm_head.weight
-    return HEAD_TYPES[config.head_type].build(decoder, config, layer).to(device=weight.device, dtype=weight.dtype)
+    return (
+        HEAD_TYPES[config.head_type_at(layer)]
+        .build(decoder, config, layer)
+        .to(device=weight.device, dtype=weight.dtype)
+    )
 
 
 def exit_logits(
