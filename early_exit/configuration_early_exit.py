@@ -6,9 +6,11 @@ error naming the field, instead of being read as something else.
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import os
+import uuid
 from collections.abc import Mapping
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
@@ -133,6 +135,25 @@ class EarlyExitConfig(PreTrainedConfig):
             raise CheckpointError(
                 f"The heads' config.json is not valid: {error} Correct that field, or save the heads again."
             ) from error
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        """The config as `PreTrainedConfig.to_json_string` writes it, but with each list of integers (exit layers, a
+        pruning vocabulary of thousands of token ids) on one line rather than one line per number."""
+        compact: dict[str, str] = {}
+
+        def mark(value: Any) -> Any:
+            if isinstance(value, Mapping):
+                return {key: mark(item) for key, item in value.items()}
+            if isinstance(value, list) and value and all(_is_integer(item) for item in value):
+                placeholder = f"<integers {uuid.uuid4().hex}>"
+                compact[placeholder] = json.dumps(value)
+                return placeholder
+            return [mark(item) for item in value] if isinstance(value, list) else value
+
+        text = json.dumps(mark(json.loads(super().to_json_string(use_diff))), indent=2, sort_keys=True) + "\n"
+        for placeholder, numbers_text in compact.items():
+            text = text.replace(json.dumps(placeholder), numbers_text)
+        return text
 
     def resolve_exit_layers(self, num_layers: int) -> list[int]:
         """Exit layers as sorted, distinct layer numbers in [1, num_layers - 1], fractions resolved against depth.

@@ -67,6 +67,26 @@ def _vocab_pruning(args: argparse.Namespace) -> VocabPruningConfig | None:
     return VocabPruningConfig(top_k=top_k, prune_at=args.prune_at)
 
 
+def _with_frequent_tokens(
+    model: EarlyExitForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    pruning: VocabPruningConfig | None,
+    args: argparse.Namespace,
+) -> VocabPruningConfig:
+    """`pruning` with the vocabulary --prune-vocabulary asks for: the tokens most frequent in the training split's
+    text (the model's own answers, then the library's text), so that calibration text never chose them."""
+    from early_exit.data.corpus import distillation_corpus
+    from early_exit.pruning import frequent_tokens
+
+    if pruning is None:
+        raise SystemExit("early-exit calibrate: --prune-vocabulary needs --prune-top-k (the tokens later exits score).")
+    text = distillation_corpus(
+        model.base, tokenizer, "train", args.vocabulary_tokens, args.block_size, args.generation_tokens
+    )
+    vocabulary = frequent_tokens(text.blocks, model.vocab_size, args.prune_vocabulary)
+    return replace(pruning, vocabulary=vocabulary)
+
+
 def _decoding_options(args: argparse.Namespace, pruning: VocabPruningConfig | None) -> ExitDecodingConfig:
     """The early-exit options `generate` was given on the command line; a mistake ends the command in one line."""
     try:
@@ -354,6 +374,8 @@ def calibrate(args: argparse.Namespace) -> None:
     if len(dataset) == 0:
         raise SystemExit("early-exit calibrate: the calibration text is empty; give more --tokens.")
     pruning = _vocab_pruning(args)
+    if args.prune_vocabulary:
+        pruning = _with_frequent_tokens(model, tokenizer, pruning, args)
     scores = collect_exit_scores(model, dataset, args.metrics, bf16=args.bf16, vocab_pruning=pruning)
     tables = [
         calibrate_table(

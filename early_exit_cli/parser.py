@@ -223,6 +223,20 @@ def build_parser() -> argparse.ArgumentParser:
         "fastest policy that keeps each level, scoring only exits that pay for themselves)",
     )
     _add_pruning_arguments(calibrate)
+    calibrate.add_argument(
+        "--prune-vocabulary",
+        type=positive_int,
+        metavar="N",
+        help="with --prune-top-k: the pruning exit scores only the N tokens most frequent in the model's own text "
+        "(the training split, never the calibration text) instead of the full vocabulary, which is far cheaper; "
+        "decoding then does the same (default: the full vocabulary)",
+    )
+    calibrate.add_argument(
+        "--vocabulary-tokens",
+        type=positive_int,
+        default=40_000,
+        help="tokens of the training split to count for --prune-vocabulary (default 40000)",
+    )
     verify = commands.add_parser("verify-calibration", help="measure calibrated levels on held-out text")
     verify.add_argument("--heads", required=True, help="a calibrated heads folder")
     for command in (calibrate, verify):

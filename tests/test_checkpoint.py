@@ -17,6 +17,7 @@ import early_exit
 from early_exit import CheckpointError, EarlyExitConfig, EarlyExitForCausalLM, HeadMismatchError
 from early_exit.checkpoint import WEIGHTS_NAME, read_matching_weights
 from early_exit.errors import HubUnreachableError
+from early_exit.pruning import VocabPruningConfig
 
 
 def _saved_base(tmp_path, model_type="llama", **overrides):
@@ -53,6 +54,19 @@ def test_round_trip_through_auto_model_gives_identical_exit_logits(tmp_path, hea
     assert torch.equal(output.logits, expected.logits)
     for got, want in zip(output.exit_logits, expected.exit_logits, strict=True):
         assert torch.equal(got, want)
+
+
+def test_a_pruning_vocabulary_is_saved_on_one_line_and_loads_back(tmp_path):
+    model = early_exit.add_exit_heads(_saved_base(tmp_path), [1, 3])
+    vocabulary = torch.randperm(VOCAB)[:60].tolist()
+    model.config.vocab_pruning = VocabPruningConfig(top_k=8, vocabulary=vocabulary).to_dict()
+    model.config.training = {"note": "[1,\n2]"}  # text that looks like a list stays as written
+    model.save_pretrained(tmp_path / "heads")
+    text = (tmp_path / "heads" / "config.json").read_text()
+    assert len(text.splitlines()) < 40 and f'"vocabulary": {json.dumps(vocabulary)}' in text
+    again = EarlyExitForCausalLM.from_pretrained(tmp_path / "heads")
+    assert again.config.vocab_pruning["vocabulary"] == vocabulary and again.config.training == {"note": "[1,\n2]"}
+    assert again.config.exit_layers == [1, 3]
 
 
 def test_only_head_weights_are_saved(tmp_path):

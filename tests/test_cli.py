@@ -161,6 +161,24 @@ def test_calibrate_stores_a_table_that_verify_measures_on_held_out_text(tmp_path
     assert all(float(agreement) >= 100 * float(level) for _, level, agreement, _, _ in rows)
 
 
+def test_calibrate_with_a_frequent_token_vocabulary_stores_it_and_generate_uses_it(tmp_path, capsys):
+    heads = tmp_path / "heads"
+    early_exit.add_exit_heads(AutoModelForCausalLM.from_pretrained(STORIES260K), [2, 3, 4]).save_pretrained(heads)
+    sizes = ["--tokens", "2000", "--block-size", "128", "--generation-tokens", "8", "--vocabulary-tokens", "3000"]
+    options = ["--levels", "0.6", "--metrics", "max_prob", "--method", "empirical", "--prune-top-k", "8"]
+    with pytest.raises(SystemExit, match="--prune-vocabulary needs --prune-top-k"):
+        main(["calibrate", "--heads", str(heads), "--prune-vocabulary", "64", *options[:-2], *sizes])
+    main(["calibrate", "--heads", str(heads), "--prune-vocabulary", "64", *options, *sizes])
+    config = AutoModelForCausalLM.from_pretrained(heads).config
+    vocabulary = config.vocab_pruning["vocabulary"]
+    assert len(set(vocabulary)) == 64 and config.vocab_pruning["top_k"] == 8
+    assert set(config.calibration["tables"]) == {"max_prob+vocab64-top8"}
+    main(
+        ["generate", "--heads", str(heads), "--level", "0.6", "--prompt", "Once upon", "--max-new-tokens", "6"]
+    )
+    assert re.search(r"mean exit layer [\d.]+ of 5", capsys.readouterr().out)
+
+
 def test_calibrate_on_policy_and_verify_in_free_generation(tmp_path, capsys):
     heads = tmp_path / "heads"
     early_exit.add_exit_heads(AutoModelForCausalLM.from_pretrained(STORIES260K), [2, 3, 4]).save_pretrained(heads)

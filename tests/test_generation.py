@@ -19,7 +19,7 @@ from early_exit.calibration import calibrate_table, collect_exit_scores, store_c
 from early_exit.data.corpus import TokenBlocks
 from early_exit.errors import CalibrationError, VocabPruningError
 from early_exit.kernels import project_rows
-from early_exit.pruning import VocabPruner, VocabPruningConfig, scatter_to_vocabulary
+from early_exit.pruning import VocabPruner, VocabPruningConfig, frequent_tokens, scatter_to_vocabulary
 
 ARCHITECTURES = sorted(TINY_CONFIGS)
 EXITS = [1, 2, 3]
@@ -249,21 +249,107 @@ def test_pruned_projection_is_the_full_projection_at_the_kept_rows(positions, k,
     assert torch.isinf(restored).sum() == positions * (50 - k)
 
 
+@settings(max_examples=20, deadline=None)
+@given(positions=st.integers(1, 40), k=st.integers(1, 50), bias=st.booleans(), seed=st.integers(0, 1000))
+def test_a_shared_vocabulary_projects_onto_its_rows_and_follows_changes_of_the_weight(positions, k, bias, seed):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(1, positions, 8, generator=generator)
+    weight = torch.randn(50, 8, generator=generator)
+    offset = torch.randn(50, generator=generator) if bias else None
+    vocabulary = torch.randperm(50, generator=generator)[:k]
+    per_position = vocabulary.expand(1, positions, k)
+    expected = project_rows(hidden, weight, offset, per_position)
+    torch.testing.assert_close(project_rows(hidden, weight, offset, vocabulary), expected)
+    with torch.no_grad():
+        weight.mul_(-2.0)  # the rows copied on first use must not outlive a change of the weight
+    torch.testing.assert_close(
+        project_rows(hidden, weight, offset, vocabulary), project_rows(hidden, weight, offset, per_position)
+    )
+    restored = scatter_to_vocabulary(expected, vocabulary, 50)
+    assert torch.equal(restored.gather(-1, per_position), expected)
+    trained = weight.clone().requires_grad_(True)
+    project_rows(hidden, trained, None, vocabulary).sum().backward()
+    assert trained.grad[vocabulary].abs().sum() > 0, "a weight being trained gets its gradient through the rows"
+
+
+@settings(max_examples=30, deadline=None)
+@given(sequences=st.lists(st.lists(st.integers(0, 19), max_size=30), max_size=4), count=st.integers(1, 20))
+def test_frequent_tokens_rank_by_count_then_by_id(sequences, count):
+    counts = [sum(sequence.count(token) for sequence in sequences) for token in range(20)]
+    expected = sorted(range(20), key=lambda token: (-counts[token], token))[:count]
+    assert frequent_tokens([torch.tensor(sequence, dtype=torch.long) for sequence in sequences], 20, count) == expected
+    with pytest.raises(VocabPruningError, match="give 1 to 20"):
+        frequent_tokens(sequences, 20, 21)
+
+
+@pytest.mark.parametrize(
+    ("vocabulary", "message"),
+    [
+        ([3, 4, 4, 5], "distinct token ids"),
+        ([3, 4], "at least as many as top_k=3"),
+        ([3, -1, 5], "list of token ids"),
+        ([3, 4.0, 5], "list of token ids"),
+        ("3 4 5", "list of token ids"),
+    ],
+)
+def test_a_pruning_vocabulary_must_be_distinct_token_ids_enough_for_top_k(vocabulary, message):
+    with pytest.raises(VocabPruningError, match=message):
+        VocabPruningConfig(top_k=3, vocabulary=vocabulary)
+
+
 def test_the_pruner_keeps_the_top_tokens_and_follows_its_schedule():
     logits = torch.tensor([[5.0, 1.0, 4.0, 3.0, 2.0]])
-    pruner = VocabPruner(VocabPruningConfig(top_k=[3, 2]), exit_layers=[2, 4, 6])
+    pruner = VocabPruner(VocabPruningConfig(top_k=[3, 2]), exit_layers=[2, 4, 6], vocab_size=5)
     kept = pruner.next_tokens(0, logits, None)
     assert kept.tolist() == [[0, 2, 3]]
     narrower = pruner.next_tokens(1, torch.tensor([[0.0, 9.0, 1.0]]), kept)
     assert narrower.tolist() == [[2, 3]]
-    assert VocabPruner(VocabPruningConfig(top_k=3, prune_at=4), [2, 4, 6]).next_tokens(0, logits, None) is None
+    assert VocabPruner(VocabPruningConfig(top_k=3, prune_at=4), [2, 4, 6], 5).next_tokens(0, logits, None) is None
     with pytest.raises(VocabPruningError, match="must not grow"):
         VocabPruningConfig(top_k=[2, 5])
     with pytest.raises(VocabPruningError, match="no exit there"):
-        VocabPruner(VocabPruningConfig(top_k=3, prune_at=5), [2, 4, 6])
+        VocabPruner(VocabPruningConfig(top_k=3, prune_at=5), [2, 4, 6], 5)
     assert VocabPruningConfig.from_dict(VocabPruningConfig(top_k=[4, 2], prune_at=2).to_dict()) == VocabPruningConfig(
         top_k=[4, 2], prune_at=2
     )
+    fixed = VocabPruningConfig(top_k=2, vocabulary=[9, 7, 8])
+    assert VocabPruningConfig.from_dict(fixed.to_dict()) == fixed and fixed.name == "vocab3-top2"
+    with pytest.raises(VocabPruningError, match="names token 9, outside the model's vocabulary of 9"):
+        VocabPruner(fixed, [2, 4], vocab_size=9)
+    pruner = VocabPruner(fixed, exit_layers=[2, 4], vocab_size=10)
+    vocabulary = pruner.scored_tokens(0, None, torch.device("cpu"))
+    assert vocabulary.tolist() == [9, 7, 8] and pruner.scored_tokens(1, None, torch.device("cpu")) is None
+    assert pruner.next_tokens(0, torch.tensor([[[0.0, 5.0, 4.0]]]), vocabulary).tolist() == [[[7, 8]]]
+
+
+# A fixed pruning vocabulary of the tiny models: 16 of their 97 tokens.
+SHARED_VOCABULARY = VocabPruningConfig(top_k=4, vocabulary=list(range(40, 56)))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_with_a_fixed_vocabulary_the_pruning_exit_emits_its_best_token_in_it_and_full_depth_any(model_type):
+    model = _model(model_type)
+    ids, mask = _prompts(3, 1, 5, padded=False)
+    output = _greedy(
+        model, ids, mask, max_new_tokens=16, exit_thresholds=[0.3, 0.3, None], vocab_pruning=SHARED_VOCABULARY
+    )
+    with torch.no_grad():
+        forward = model(output.sequences)
+    vocabulary = torch.tensor(SHARED_VOCABULARY.vocabulary)
+    start, seen = ids.shape[1], set()
+    for step, layer in enumerate(output.exit_layers[0].tolist()):
+        position, token = start + step - 1, output.sequences[0, start + step]
+        pruning_exit = forward.exit_logits[0][0, position, vocabulary]
+        if layer == 1:
+            assert token == vocabulary[pruning_exit.argmax()], f"token {step}"
+        elif layer == 2:
+            kept = vocabulary[pruning_exit.topk(4).indices]
+            assert token == kept[forward.exit_logits[1][0, position, kept].argmax()], f"token {step}"
+        else:
+            assert token == forward.logits[0, position].argmax(), f"token {step}"
+        seen.add(layer)
+    assert {1, model.num_layers} <= seen, "the test needs tokens from the pruning exit and from full depth"
+    assert any(token not in SHARED_VOCABULARY.vocabulary for token in output.sequences[0, start:].tolist())
 
 
 def test_pruning_the_whole_vocabulary_changes_nothing_and_a_small_k_limits_exit_tokens():
@@ -326,6 +412,29 @@ def test_calibration_with_pruning_is_stored_apart_and_chosen_by_generate():
     assert pruned_run.sequences.shape[1] == 8
     with pytest.raises(CalibrationError, match="max_prob\\+top16"):
         model.generate(torch.tensor([[5, 6]]), accuracy_level=0.8, vocab_pruning=16, max_new_tokens=2)
+
+
+def test_calibration_with_a_fixed_vocabulary_scores_it_at_the_pruning_exit_and_decoding_must_use_the_same():
+    model = early_exit.add_exit_heads(tiny_model("llama", initializer_range=0.3), EXITS)
+    generator = torch.Generator().manual_seed(0)
+    blocks = TokenBlocks.pack([torch.randint(3, VOCAB, (2000,), generator=generator).tolist()], 100, None)
+    scores = collect_exit_scores(model, blocks, ["max_prob"], vocab_pruning=SHARED_VOCABULARY)
+    plain = collect_exit_scores(model, blocks, ["max_prob"], vocab_pruning=VocabPruningConfig(top_k=4))
+    # The pruning exit can only be right where the final token is in the vocabulary (rows: every position in order).
+    with torch.no_grad():
+        final = torch.cat([model(block["input_ids"][None]).logits.argmax(-1)[0] for block in blocks])
+    in_vocabulary = torch.isin(final, torch.tensor(SHARED_VOCABULARY.vocabulary))
+    assert not scores.correct[~in_vocabulary, 0].any() and plain.correct[~in_vocabulary, 0].any()
+    table = calibrate_table(scores, "max_prob", (0.8,), method="empirical")
+    store_calibration(model.config, [table], default_metric="max_prob")
+    assert set(model.config.calibration["tables"]) == {"max_prob+vocab16-top4"}
+    run = _greedy(
+        model, *_prompts(1, 1, 4, False), max_new_tokens=4, accuracy_level=0.8, vocab_pruning=SHARED_VOCABULARY
+    )
+    assert run.sequences.shape[1] == 8
+    other = VocabPruningConfig(top_k=4, vocabulary=list(range(60, 76)))
+    with pytest.raises(CalibrationError, match="different pruning vocabulary"):
+        model.generate(torch.tensor([[5, 6]]), accuracy_level=0.8, vocab_pruning=other, max_new_tokens=2)
 
 
 # --- errors -------------------------------------------------------------------------------------------------------

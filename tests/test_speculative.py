@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_generation import ARCHITECTURES, _full_forward_cache, _model, _prompts
+from test_generation import ARCHITECTURES, SHARED_VOCABULARY, _full_forward_cache, _model, _prompts
 from tiny_models import VOCAB
 from transformers.generation.streamers import BaseStreamer
 
@@ -43,9 +43,19 @@ def _speculative(model, ids, mask, **kwargs) -> SpeculativeGenerateOutput:
     eos=st.one_of(st.none(), st.integers(3, VOCAB - 1)),
     repetition_penalty=st.sampled_from([1.0, 1.3]),
     prompt_lookup=st.sampled_from([NO_LOOKUP, {}, LOOKUP_UNIGRAMS]),
+    vocab_pruning=st.sampled_from([False, SHARED_VOCABULARY]),
 )
 def test_greedy_output_equals_base_generate(
-    model_type, seed, batch, length, exit_thresholds, max_draft_tokens, eos, repetition_penalty, prompt_lookup
+    model_type,
+    seed,
+    batch,
+    length,
+    exit_thresholds,
+    max_draft_tokens,
+    eos,
+    repetition_penalty,
+    prompt_lookup,
+    vocab_pruning,
 ):
     model = _model(model_type)
     batch = 1 if model_type in SLIDING else batch  # batches there are refused (see the error test)
@@ -58,6 +68,7 @@ def test_greedy_output_equals_base_generate(
         mask,
         exit_thresholds=exit_thresholds,
         max_draft_tokens=max_draft_tokens,
+        vocab_pruning=vocab_pruning,
         **prompt_lookup,
         **arguments,
     )

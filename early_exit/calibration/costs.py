@@ -71,10 +71,11 @@ def _measure(
     carry_fraction = max(_milliseconds(layer_for(2), repeats) / layer_ms - 1.0, 0.0)
 
     confidence = get_confidence_metric(metric)
-    pruner = VocabPruner(vocab_pruning, model.exit_layers)
+    pruner = VocabPruner(vocab_pruning, model.exit_layers, model.vocab_size)
     hidden = torch.randn(1, 1, model.hidden_size, device=device, dtype=model.dtype)
     head_ms, token_ids = [], None
     for index, head in enumerate(model.exit_heads.values()):
+        token_ids = pruner.scored_tokens(index, token_ids, device)
 
         def score(head=head, token_ids=token_ids, index=index) -> torch.Tensor:
             logits = exit_logits(head, hidden, decoder, token_ids)

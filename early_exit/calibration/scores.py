@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 from ..confidence import get_confidence_metric
 from ..data import hidden_states_over_blocks, require_examples
 from ..modeling_early_exit import EarlyExitForCausalLM
-from ..pruning import VocabPruner, VocabPruningConfig
+from ..pruning import VocabPruner, VocabPruningConfig, vocabulary_ids
 
 
 @dataclass
@@ -100,16 +100,16 @@ def collect_exit_scores(
     scores: dict[str, list[torch.Tensor]] = {metric.name: [] for metric in resolved}
     correct, groups = [], []
     digest = hashlib.sha256()
-    pruner = VocabPruner(vocab_pruning, exits)
+    pruner = VocabPruner(vocab_pruning, exits, model.vocab_size)
     for index, block in enumerate(hidden_states_over_blocks(model, dataset, batch_size, bf16, "scoring exits")):
         mask = block.scored_mask.bool()
         digest.update(block.input_ids[mask].cpu().numpy().tobytes())
         per_metric: dict[str, list[torch.Tensor]] = {metric.name: [] for metric in resolved}
         tokens, previous, token_ids = [], None, None
         for exit_index, (layer, hidden) in enumerate(zip(exits, block.exit_states)):
+            token_ids = pruner.scored_tokens(exit_index, token_ids, hidden.device)
             logits = model.exit_logits_at(layer, hidden, token_ids)
-            top = logits.argmax(-1, keepdim=True)
-            tokens.append((top if token_ids is None else token_ids.gather(-1, top))[..., 0][mask])
+            tokens.append(vocabulary_ids(logits.argmax(-1, keepdim=True), token_ids)[..., 0][mask])
             for metric in resolved:
                 per_metric[metric.name].append(metric(logits, hidden, previous)[mask])
             previous = hidden

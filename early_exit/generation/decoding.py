@@ -91,7 +91,7 @@ class _ExitSearch:
     decided: torch.Tensor  # (batch,) bool: the row has its token (or needs none)
     exit_layers: torch.Tensor  # (batch,) long
     logits: torch.Tensor | None = None  # (batch, vocab) of decided rows
-    token_ids: torch.Tensor | None = None  # (batch, 1, k): tokens later exits score (vocabulary pruning)
+    token_ids: torch.Tensor | None = None  # (batch, 1, k) or (k,): tokens the next exit scores (vocabulary pruning)
     previous_hidden: torch.Tensor | None = None  # the last scored exit's hidden state (for saturation)
 
 
@@ -116,7 +116,7 @@ class LayerwiseDecoder:
         self.heads = heads
         self.policy = policy
         self.kv_strategy = kv_strategy
-        self.pruner = VocabPruner(policy.vocab_pruning, policy.exit_layers)
+        self.pruner = VocabPruner(policy.vocab_pruning, policy.exit_layers, self.decoder.vocab_size)
         scored = exits_to_score(policy.active_exits, self.pruner.prune_index)
         self.exit_index = {policy.exit_layers[index]: index for index in scored}
         # Heads that attend keep their own keys and values, but only the scored ones need them this run.
@@ -310,18 +310,18 @@ class LayerwiseDecoder:
             return False
         started = time.perf_counter()
         hidden = chunk[:, -1:]
+        token_ids = self.pruner.scored_tokens(index, search.token_ids, hidden.device)
         if attended is None:
-            logits = exit_logits(self.heads[layer], hidden, self.decoder, search.token_ids)
+            logits = exit_logits(self.heads[layer], hidden, self.decoder, token_ids)
         else:
-            logits = self.heads[layer].readout(attended[:, -1:], self.decoder, search.token_ids)
+            logits = self.heads[layer].readout(attended[:, -1:], self.decoder, token_ids)
         scores = self.policy.metric(logits, hidden, search.previous_hidden)[:, 0]
         confident = (scores >= self.policy.thresholds[index]) & ~search.decided
         if confident.any():
-            full = scatter_to_vocabulary(
-                logits[:, 0], None if search.token_ids is None else search.token_ids[:, 0], self.decoder.vocab_size
+            self._decide(
+                search, confident, scatter_to_vocabulary(logits, token_ids, self.decoder.vocab_size)[:, 0], layer
             )
-            self._decide(search, confident, full, layer)
-        search.token_ids = self.pruner.next_tokens(index, logits, search.token_ids)
+        search.token_ids = self.pruner.next_tokens(index, logits, token_ids)
         search.previous_hidden = hidden
         self.stats.head_seconds += time.perf_counter() - started
         return bool(search.decided.all())

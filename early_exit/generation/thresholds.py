@@ -144,13 +144,9 @@ _OUTCOMES = ("levels", "budgets")
 
 
 def table_key(metric: str, vocab_pruning: VocabPruningConfig | None = None) -> str:
-    """The storage name of `metric`'s table: the metric itself, or with the pruning appended, e.g.
-    "max_prob+top256" or "max_prob+top2048-256@layer12"."""
-    if vocab_pruning is None:
-        return metric
-    schedule = "-".join(str(k) for k in vocab_pruning.schedule)
-    at = f"@layer{vocab_pruning.prune_at}" if vocab_pruning.prune_at is not None else ""
-    return f"{metric}+top{schedule}{at}"
+    """The storage name of `metric`'s table: the metric itself, or with the pruning's name appended, e.g.
+    "max_prob+top256", "max_prob+top2048-256@layer12" or "max_prob+vocab4096-top512"."""
+    return metric if vocab_pruning is None else f"{metric}+{vocab_pruning.name}"
 
 
 def store_calibration(config: EarlyExitConfig, tables: list[CalibrationTable], default_metric: str) -> None:
@@ -232,11 +228,17 @@ def _table_for(
     metric = metric or stored.get("default_metric")
     key = table_key(metric, vocab_pruning)
     if key not in tables:
-        how = (
-            "" if vocab_pruning is None else f" (calibrate with the same pruning: --prune-top-k {vocab_pruning.top_k})"
-        )
+        how = ""
+        if vocab_pruning is not None:
+            sized = "" if vocab_pruning.vocabulary is None else f" --prune-vocabulary {len(vocab_pruning.vocabulary)}"
+            how = f" (calibrate with the same pruning: --prune-top-k {vocab_pruning.top_k}{sized})"
         raise CalibrationError(f"No calibration for {key!r}{how}; calibrated tables: {', '.join(sorted(tables))}.")
     table = CalibrationTable.from_dict(tables[key])
+    if vocab_pruning is not None and VocabPruningConfig.from_dict(table.vocab_pruning) != vocab_pruning:
+        raise CalibrationError(
+            f"The {key} calibration scored a different pruning vocabulary (of the same size) from the one decoding "
+            "uses: calibrate again with this one."
+        )
     if table.exit_layers != list(config.exit_layers):
         raise CalibrationError(
             f"The {key} calibration was made for exits {table.exit_layers}, but the heads sit at "

@@ -1,5 +1,19 @@
 """Dynamic vocabulary pruning at early exits."""
 
-from .vocab import VocabPruner, VocabPruningConfig, exits_to_score, scatter_to_vocabulary
+from .vocab import (
+    VocabPruner,
+    VocabPruningConfig,
+    exits_to_score,
+    frequent_tokens,
+    scatter_to_vocabulary,
+    vocabulary_ids,
+)
 
-__all__ = ["VocabPruner", "VocabPruningConfig", "exits_to_score", "scatter_to_vocabulary"]
+__all__ = [
+    "VocabPruner",
+    "VocabPruningConfig",
+    "exits_to_score",
+    "frequent_tokens",
+    "scatter_to_vocabulary",
+    "vocabulary_ids",
+]
