@@ -34,14 +34,17 @@ heads-report: $(STAMP)
 	$(BIN)/early-exit report --heads $(HEADS) --output docs/heads-smollm2-135m.md --eval-tokens 16000 --bf16
 
 # Calibrate the shipped heads (entropy, max-prob, margin at 0.8/0.9/0.95/0.99, Learn then Test at delta 0.01), again
-# for max-prob with the vocabulary pruned to 512 tokens at the first exit (the decoding default) and then on the heads'
-# own generations (on-policy), then measure every level on held-out text, and the default table in free generation.
+# for max-prob with the vocabulary pruned to 512 tokens at the first exit, then with that exit scoring only the 4096
+# tokens most frequent in the training text (the decoding default), both on the heads' own generations (on-policy);
+# then measure every level on held-out text, and the default table in free generation.
 calibration: $(STAMP)
 	$(BIN)/early-exit calibrate --heads $(HEADS) --delta 0.01 --report docs/calibration-smollm2-135m.md
 	$(BIN)/early-exit calibrate --heads $(HEADS) --delta 0.01 --metrics max_prob --prune-top-k 512 --on-policy \
 		--report docs/calibration-smollm2-135m-pruned.md
+	$(BIN)/early-exit calibrate --heads $(HEADS) --delta 0.01 --metrics max_prob --prune-top-k 512 \
+		--prune-vocabulary 4096 --on-policy --report docs/calibration-smollm2-135m-vocab.md
 	$(BIN)/early-exit verify-calibration --heads $(HEADS)
-	$(BIN)/early-exit verify-calibration --heads $(HEADS) --free-generation --tables max_prob+top512
+	$(BIN)/early-exit verify-calibration --heads $(HEADS) --free-generation --tables max_prob+vocab4096-top512
 
 # The main job, shown: the shipped calibrated heads generate (each token coloured by the layer it left at) beside plain
 # `generate` on the same prompt, interleaved; both speeds, their ratio, and the share of tokens equal to the full

@@ -173,9 +173,7 @@ def test_calibrate_with_a_frequent_token_vocabulary_stores_it_and_generate_uses_
     vocabulary = config.vocab_pruning["vocabulary"]
     assert len(set(vocabulary)) == 64 and config.vocab_pruning["top_k"] == 8
     assert set(config.calibration["tables"]) == {"max_prob+vocab64-top8"}
-    main(
-        ["generate", "--heads", str(heads), "--level", "0.6", "--prompt", "Once upon", "--max-new-tokens", "6"]
-    )
+    main(["generate", "--heads", str(heads), "--level", "0.6", "--prompt", "Once upon", "--max-new-tokens", "6"])
     assert re.search(r"mean exit layer [\d.]+ of 5", capsys.readouterr().out)
 
 

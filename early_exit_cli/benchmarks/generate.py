@@ -15,6 +15,7 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from early_exit import EarlyExitForCausalLM, ExitDecodingConfig  # noqa: E402
 from early_exit.calibration import DEFAULT_LEVELS, agreeing_tokens  # noqa: E402
 from early_exit.data import format_prompt, load_prompts  # noqa: E402
 from early_exit.default_model import load_base_tokenizer  # noqa: E402
+from early_exit.pruning import VocabPruningConfig  # noqa: E402
 from early_exit.reporting import benchmark_page  # noqa: E402
 
 from ..parser import add_placement_arguments, positive_int  # noqa: E402
@@ -76,21 +78,41 @@ def eos_token_ids(model: EarlyExitForCausalLM) -> list[int]:
 
 
 @torch.no_grad()
-def exit_cost(model: EarlyExitForCausalLM, top_k: int, repeats: int = 200) -> tuple[float, float]:
-    """Seconds to score one late exit (head, logits and max-prob) for one token, over the full vocabulary and
-    over `top_k` pruned tokens."""
+def exit_cost(
+    model: EarlyExitForCausalLM, top_k: int, vocabulary: list[int] | None = None, repeats: int = 200
+) -> list[float]:
+    """Seconds to score one late exit (head, logits and max-prob) for one token: over the full vocabulary, over
+    `top_k` pruned tokens, and (if given) over a fixed `vocabulary`, as the pruning exit scores it."""
     layer = model.exit_layers[-1]
     hidden = torch.randn(1, 1, model.hidden_size, device=model.device, dtype=model.dtype)
     token_ids = torch.randperm(model.vocab_size, device=model.device)[:top_k].view(1, 1, -1)
+    fixed = [] if vocabulary is None else [torch.tensor(vocabulary, device=model.device)]
     costs = []
-    for ids in (None, token_ids):
+    for ids in (None, token_ids, *fixed):
         for _ in range(10):
             model.exit_logits_at(layer, hidden, ids).softmax(-1).amax(-1)
         started = time.perf_counter()
         for _ in range(repeats):
             model.exit_logits_at(layer, hidden, ids).softmax(-1).amax(-1)
         costs.append((time.perf_counter() - started) / repeats)
-    return costs[0], costs[1]
+    return costs
+
+
+def pruning_variants(model: EarlyExitForCausalLM) -> dict[str, VocabPruningConfig | bool]:
+    """The vocabulary prunings to compare, by name: none, the heads' own, and, when that scores a fixed vocabulary at
+    the pruning exit and the top-k alone was calibrated too, the top-k alone (the setting before fixed
+    vocabularies)."""
+    variants: dict[str, VocabPruningConfig | bool] = {"off": False}
+    pruning = VocabPruningConfig.from_dict(model.config.vocab_pruning)
+    if pruning is None:
+        return variants
+    if pruning.vocabulary is not None:
+        top_k_alone = replace(pruning, vocabulary=None)
+        tables = (model.config.calibration or {}).get("tables", {})
+        if any(key.endswith("+" + top_k_alone.name) for key in tables):
+            variants[top_k_alone.name] = top_k_alone
+    variants[pruning.name] = pruning
+    return variants
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -139,7 +161,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     torch.manual_seed(0)
     model = EarlyExitForCausalLM.from_pretrained(args.heads, **model_placement(args))
     tokenizer = load_base_tokenizer(model.config.base_model_name_or_path)
-    pruning = model.config.vocab_pruning
+    variants = pruning_variants(model)
     prompts = load_prompts("eval")[: args.prompts]
     batches = [batch.to(model.device) for batch in encode(tokenizer, prompts)]
     pad = dict(pad_token_id=tokenizer.pad_token_id)
@@ -148,14 +170,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
 
     # Full depth with the base model's own matmuls, then with the decoding loop's (`kernels`), separates what the
     # kernels give from what the exits give.
-    settings = [("full depth, stock kernels", None, False, "stock"), ("full depth", None, False, args.kernels)] + [
-        (f"level {level:g}", level, prune, args.kernels)
-        for level in args.levels
-        for prune in ([False, True] if pruning else [False])
+    settings = [("full depth, stock kernels", None, "off", "stock"), ("full depth", None, "off", args.kernels)] + [
+        (f"level {level:g}", level, prune, args.kernels) for level in args.levels for prune in variants
     ]
     runs = {"base.generate": partial(model.base.generate, **pad)}
     for label, level, prune, kernels in settings:
-        options = ExitDecodingConfig(accuracy_level=level, vocab_pruning=None if prune else False, kernels=kernels)
+        options = ExitDecodingConfig(accuracy_level=level, vocab_pruning=variants[prune], kernels=kernels)
         runs[label, prune] = partial(model.generate, exit_config=options, return_dict_in_generate=True, **pad)
     model.generate(**batches[0], max_new_tokens=2, kernels=args.kernels, **pad)  # packs the weights, untimed
     results = timed(runs, batches, args.max_new_tokens)
@@ -187,14 +207,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
             )
         )
         print(
-            f"{label} pruned={prune}: {speed / base_speed:.2f}x, agreement {100 * agreed / total:.1f}%, "
+            f"{label} pruning {prune}: {speed / base_speed:.2f}x, agreement {100 * agreed / total:.1f}%, "
             f"mean exit {exits.mean():.1f}",
             file=sys.stderr,
         )
 
-    kept = pruning["top_k"] if pruning else 512
+    pruning = VocabPruningConfig.from_dict(model.config.vocab_pruning)
+    kept = pruning.schedule[0] if pruning else 512
+    vocabulary = pruning.vocabulary if pruning else None
     with model.decoding_kernels(args.kernels):  # as decoding scores exits
-        full_cost, pruned_cost = exit_cost(model, kept)
+        full_cost, pruned_cost, *vocabulary_cost = exit_cost(model, kept, vocabulary)
 
     batch_rows = []
     for batch_size in args.batch_sizes:
@@ -222,7 +244,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     ]
     for row in rows:
         lines.append(
-            f"| {row['label']} | {'top-' + str(pruning['top_k']) if row['pruned'] else 'off'} | {row['speed']:.2f} "
+            f"| {row['label']} | {row['pruned']} | {row['speed']:.2f} "
             f"| {row['ratio']:.2f}x | {100 * row['agreement']:.1f}% | {row['mean_exit']:.1f} of {num_layers} "
             f"| {row['layers']:.1f} / {row['heads']:.1f} / {row['fill']:.1f} |"
         )
@@ -230,7 +252,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         "",
         f"Scoring one late exit for one token (head, logits, max-prob): full vocabulary {1e3 * full_cost:.2f} ms, "
         f"pruned to {kept} tokens {1e3 * pruned_cost:.2f} ms "
-        f"({100 * pruned_cost / full_cost:.0f}% of the full cost).",
+        f"({100 * pruned_cost / full_cost:.0f}% of the full cost)"
+        + (
+            f"; over the fixed vocabulary of {len(vocabulary)} tokens that the pruning exit scores "
+            f"{1e3 * vocabulary_cost[0]:.2f} ms ({100 * vocabulary_cost[0] / full_cost:.0f}%; timed in a loop, so "
+            "those rows of the LM head stay in cache)."
+            if vocabulary_cost
+            else "."
+        ),
         "",
         f"| batch size | base.generate tokens/s | early exit (level {args.batch_level:g}) tokens/s | ratio "
         "| mean layers run per step |",
@@ -245,14 +274,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         output = Path(args.output)
         plot = output.with_suffix(".png")
         figure, axes = plt.subplots(figsize=(6.5, 4.2))
-        for prune, marker in ((False, "o"), (True, "s")):
+        for prune, marker in zip(variants, "osD"):
             chosen = [row for row in rows if row["pruned"] == prune and row["level"] is not None]
             if chosen:
                 axes.plot(
                     [100 * row["agreement"] for row in chosen],
                     [row["ratio"] for row in chosen],
                     marker=marker,
-                    label="pruned vocabulary" if prune else "full vocabulary",
+                    label="full vocabulary" if prune == "off" else f"pruned: {prune}",
                 )
                 for row in chosen:
                     axes.annotate(f"{row['level']:g}", (100 * row["agreement"], row["ratio"]), fontsize=8)
