@@ -24,6 +24,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
 from early_exit import EarlyExitForCausalLM, ExitDecodingConfig  # noqa: E402
 from early_exit.calibration import DEFAULT_LEVELS, agreeing_tokens  # noqa: E402
@@ -58,7 +59,7 @@ def timed(runs: dict[str, Callable], batches: list[dict], max_new_tokens: int) -
     runs are interleaved batch by batch, in an order that rotates, so that the machine's noise hits them alike."""
     results = {label: ([], 0, 0.0) for label in runs}
     labels = list(runs)
-    for index, batch in enumerate(batches):
+    for index, batch in enumerate(tqdm(batches, desc=f"timing {len(runs)} settings", disable=None)):
         for label in labels[index % len(labels) :] + labels[: index % len(labels)]:
             started = time.perf_counter()
             output = runs[label](**batch, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)

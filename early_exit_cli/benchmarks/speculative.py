@@ -1,7 +1,7 @@
 """Benchmark self-speculative decoding against plain `generate` on the default model, in one process.
 
 Every row decodes the same eval prompts greedily at batch 1, exactly `--max-new-tokens` new tokens each, timed over
-all prompts after one warm-up:
+all prompts after one warm-up, with all rows interleaved prompt by prompt (in a rotating order):
 
 1. plain `base.generate`, the baseline every ratio is against;
 2. transformers' own self-speculation, `base.generate(assistant_early_exit=E)`, over a sweep of E;
@@ -26,11 +26,12 @@ import argparse
 import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -62,12 +63,6 @@ PLAIN, ASSISTED, LOOKUP, FIXED, DSSD = (
 )
 
 
-def timed_one(generate, batches: list[dict], tokens: int, **kwargs) -> tuple[float, list]:
-    """Tokens per second of one setting over all batches, and its outputs (one setting at a time, since the counter
-    of full passes wraps a whole setting's calls)."""
-    return timed({"run": partial(generate, **kwargs)}, batches, tokens)["run"]
-
-
 @dataclass
 class Row:
     """One timed setting. `per_pass`: tokens emitted per full-depth forward pass (plain `generate`: 1);
@@ -93,14 +88,15 @@ class PassCounter:
 
 
 @contextmanager
-def counting_full_passes(model: EarlyExitForCausalLM) -> Iterator[PassCounter]:
-    """Count the forward passes that reach the last decoder layer while the block runs.
+def counting_full_passes(model: EarlyExitForCausalLM, counter: PassCounter | None = None) -> Iterator[PassCounter]:
+    """Count the forward passes that reach the last decoder layer while the block runs (into `counter`, which may
+    hold earlier counts, or a new one).
 
     transformers' `assistant_early_exit` drafts with the same model cut to its first E layers, so only its
     verification passes reach the last layer. The hook adds one Python call per full pass, far below a pass's cost,
     so it stays on during the timed run.
     """
-    counter = PassCounter()
+    counter = PassCounter() if counter is None else counter
 
     def count(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -112,6 +108,12 @@ def counting_full_passes(model: EarlyExitForCausalLM) -> Iterator[PassCounter]:
         yield counter
     finally:
         handle.remove()
+
+
+def counted(model: EarlyExitForCausalLM, counter: PassCounter, generate: Callable, **kwargs) -> Any:
+    """`generate(**kwargs)`, adding the full passes it runs to `counter`."""
+    with counting_full_passes(model, counter):
+        return generate(**kwargs)
 
 
 def sequences_of(output) -> torch.Tensor:
@@ -398,22 +400,31 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     with torch.no_grad():
         model.base.generate(**batches[0], max_new_tokens=4, do_sample=False, **pad)  # warm-up, untimed
         model.generate(**batches[0], max_new_tokens=2, do_sample=False, **pad)  # packs the decoding kernels, untimed
-    base_speed, reference = timed_one(model.base.generate, batches, tokens, **pad)
-    rows = [Row(PLAIN, "greedy", base_speed, 1.0, 1.0, None, 0, sum(map(new_tokens, batches, reference)))]
-    print(f"[1/{len(settings) + 1}] base.generate: {base_speed:.2f} tokens/s", file=sys.stderr)
-    for step, (method, setting, kwargs) in enumerate(settings, 2):
-        if method in (ASSISTED, LOOKUP):
-            with counting_full_passes(model) as counter:
-                speed, outputs = timed_one(model.base.generate, batches, tokens, **kwargs)
-            per_pass, acceptance = assisted_counts(batches, outputs, counter)
+    # Every setting runs on one prompt before any runs on the next, in a rotating order, so the machine's noise
+    # falls on all of them alike (plain `generate` included).
+    counters = {(method, setting): PassCounter() for method, setting, _ in settings if method in (ASSISTED, LOOKUP)}
+    runs = {(PLAIN, "greedy"): partial(model.base.generate, **pad)}
+    for method, setting, kwargs in settings:
+        if (method, setting) in counters:
+            generate = partial(model.base.generate, **kwargs)
+            runs[method, setting] = partial(counted, model, counters[method, setting], generate)
         else:
-            speed, outputs = timed_one(model.generate, batches, tokens, **kwargs)
+            runs[method, setting] = partial(model.generate, **kwargs)
+    results = timed(runs, batches, tokens)
+    base_speed, reference = results[PLAIN, "greedy"]
+    rows = [Row(PLAIN, "greedy", base_speed, 1.0, 1.0, None, 0, sum(map(new_tokens, batches, reference)))]
+    print(f"base.generate: {base_speed:.2f} tokens/s", file=sys.stderr)
+    for method, setting, _ in settings:
+        speed, outputs = results[method, setting]
+        if (method, setting) in counters:
+            per_pass, acceptance = assisted_counts(batches, outputs, counters[method, setting])
+        else:
             per_pass, acceptance = speculative_counts(batches, outputs)
         differing, total = differing_tokens(batches, reference, outputs)
         rows.append(Row(method, setting, speed, speed / base_speed, per_pass, acceptance, differing, total))
         print(
-            f"[{step}/{len(settings) + 1}] {method} {setting}: {speed / base_speed:.2f}x, {per_pass:.2f} tokens "
-            f"per full pass, {differing} of {total} tokens differ from greedy",
+            f"{method} {setting}: {speed / base_speed:.2f}x, {per_pass:.2f} tokens per full pass, {differing} of "
+            f"{total} tokens differ from greedy",
             file=sys.stderr,
         )
 
