@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy
 
 from .calibration import CalibrationTable, ExitCosts, ExitScores, PolicyOutcome
-from .training import ExitAgreement
+from .training import ExitAgreement, TrainingCurve
 
 
 @dataclass
@@ -239,6 +239,62 @@ def heads_report(
         lines += [f"## How `{name}` was trained", ""]
         lines += [f"- {key}: {value}" for key, value in training.items() if "agreement" not in key] + [""]
     return "\n".join(lines)
+
+
+def training_curve_table(curve: TrainingCurve) -> str:
+    """A Markdown table: one row per evaluation during training, the training tokens seen and each exit's held-out
+    agreement."""
+    layers = curve.exit_layers
+    rows = [
+        "| training tokens | step | " + " | ".join(f"exit {layer}" for layer in layers) + " |",
+        "| ---: | ---: |" + " ---: |" * len(layers),
+    ]
+    for point in curve.points:
+        cells = [f"{100 * point.agreement[layer]:.1f}%" if layer in point.agreement else "" for layer in layers]
+        rows.append(f"| {point.tokens:,} | {point.step} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def plot_training_curve(curve: TrainingCurve, path: str | os.PathLike, title: str) -> Path:
+    """Draw each exit's held-out agreement against training tokens seen and save the figure (PNG) to `path`."""
+    figure, axes = _figure()
+    for layer in curve.exit_layers:
+        points = [point for point in curve.points if layer in point.agreement]
+        axes.plot(
+            [point.tokens for point in points],
+            [100 * point.agreement[layer] for point in points],
+            marker="o",
+            label=f"exit {layer}",
+        )
+    axes.set_xlabel("training tokens seen")
+    axes.set_ylabel("held-out top-1 agreement with the final layer (%)")
+    axes.set_ylim(0, 100)
+    axes.grid(alpha=0.3)
+    axes.set_title(title, fontsize=10)
+    axes.legend(fontsize=8, ncol=2)
+    return _save(figure, path)
+
+
+def training_curve_report(base_model: str, curve: TrainingCurve, tokens: int, command: str, plot: Path) -> str:
+    """The Markdown page `early-exit train --curve` writes: held-out agreement against training tokens."""
+    return "\n".join(
+        [
+            f"# Held-out agreement against training tokens: {base_model}",
+            "",
+            f"Top-1 agreement of each exit with the final layer on {tokens} held-out tokens, measured during one "
+            "training run. Points before the last are taken mid-schedule (the learning rate not yet annealed), so a "
+            "run that ended there would score somewhat higher. Written by:",
+            "",
+            "```bash",
+            command,
+            "```",
+            "",
+            f"![agreement against training tokens]({plot.name})",
+            "",
+            training_curve_table(curve),
+            "",
+        ]
+    )
 
 
 def calibration_table(tables: Sequence[CalibrationTable], scores: ExitScores, levels: Sequence[float]) -> str:

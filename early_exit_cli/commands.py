@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import tempfile
 import time
 from dataclasses import replace
@@ -23,7 +24,7 @@ from early_exit.default_model import DEFAULT_MODEL_ID, load_base_model, load_bas
 from early_exit.errors import EarlyExitError
 from early_exit.generation import ExitDecodingConfig
 from early_exit.pruning import VocabPruningConfig
-from early_exit.training import measure_agreement
+from early_exit.training import TrainingCurve, measure_agreement
 
 from .display import EXIT_COLORS, paint, token_texts, use_color
 from .placement import SHIPPED_HEADS, model_placement
@@ -221,8 +222,12 @@ def train(args: argparse.Namespace) -> None:
                 f"early-exit train: the {split} text is empty; give --{split}-files with some text, or more "
                 f"--{split}-tokens."
             )
+    if args.curve:
+        check_writable(args.curve.parent)
     # Trainer needs an output folder even when it saves nothing; this one goes when train() returns.
     scratch = None if args.checkpoint_dir else tempfile.TemporaryDirectory(prefix="early-exit-train-")
+    micro_batches = math.ceil(len(corpus["train"]) / args.batch_size)
+    total_steps = math.ceil(args.epochs * math.ceil(micro_batches / args.gradient_accumulation))
     training_args = EarlyExitTrainingArguments(
         output_dir=args.checkpoint_dir or scratch.name,
         per_device_train_batch_size=args.batch_size,
@@ -235,6 +240,8 @@ def train(args: argparse.Namespace) -> None:
         weight_decay=0.0,
         logging_steps=10,
         save_strategy="epoch" if args.checkpoint_dir else "no",
+        eval_strategy="steps" if args.curve else "no",
+        eval_steps=max(1, total_steps // args.curve_points),
         bf16=args.bf16,
         use_cpu=not torch.cuda.is_available(),
         report_to="none",
@@ -245,7 +252,10 @@ def train(args: argparse.Namespace) -> None:
         cache_hidden_states=args.cache_hidden_states,
         cache_dtype="bfloat16" if args.cache_hidden_states and args.bf16 else None,
     )
-    trainer = EarlyExitTrainer(model, training_args, train_dataset=corpus["train"], eval_dataset=corpus["eval"])
+    curve = TrainingCurve(args.epochs * corpus["train"].num_tokens / total_steps)
+    trainer = EarlyExitTrainer(
+        model, training_args, train_dataset=corpus["train"], eval_dataset=corpus["eval"], callbacks=[curve]
+    )
     before = trainer.evaluate()
     result = trainer.train(resume_from_checkpoint=args.resume or None)
     after = trainer.evaluate()
@@ -287,6 +297,20 @@ def train(args: argparse.Namespace) -> None:
     }
     model.save_pretrained(args.output, tokenizer=tokenizer)
     print(f"heads written to {args.output}")
+    if args.curve:
+        _write_training_curve(args, curve, corpus["eval"].num_tokens)
+
+
+def _write_training_curve(args: argparse.Namespace, curve: TrainingCurve, eval_tokens: int) -> None:
+    """Write `--curve`'s page and plot."""
+    from early_exit.reporting import plot_training_curve, training_curve_report
+
+    plot = plot_training_curve(
+        curve, args.curve.with_suffix(".png"), f"{args.model}: held-out agreement against training tokens"
+    )
+    page = training_curve_report(args.model, curve, eval_tokens, "early-exit " + " ".join(args.argv), plot)
+    args.curve.write_text(page, encoding="utf-8")
+    print(f"training curve written to {args.curve}, plot to {plot}")
 
 
 def report(args: argparse.Namespace) -> None:

@@ -182,6 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --checkpoint-dir")
     train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    train.add_argument(
+        "--curve",
+        type=Path,
+        help="also measure held-out agreement during training and write it against training tokens here (Markdown, "
+        "plot beside it)",
+    )
+    train.add_argument(
+        "--curve-points", type=positive_int, default=8, help="evaluations during training for --curve (default 8)"
+    )
 
     report = commands.add_parser("report", help="held-out agreement of heads folders vs the logit lens")
     report.add_argument("--heads", nargs="+", required=True, help="heads folders (same base model)")

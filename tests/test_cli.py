@@ -79,31 +79,29 @@ def test_agreement_reports_every_exit_on_a_real_model(capsys):
     assert re.search(r"averages [\d.]+ of 5 layers", printed)
 
 
+#: `early-exit train` on the tiny real model, two exits, two epochs of 1500 tokens in 64-token blocks.
+TINY_TRAINING = [
+    "train",
+    "--model",
+    str(STORIES260K),
+    "--exit-layers",
+    "2",
+    "4",
+    "--train-tokens",
+    "1500",
+    "--eval-tokens",
+    "400",
+    "--block-size",
+    "64",
+    "--epochs",
+    "2",
+    "--cache-hidden-states",
+]
+
+
 def test_train_writes_a_heads_folder_that_loads_and_records_its_training(tmp_path, capsys):
     output = tmp_path / "heads"
-    main(
-        [
-            "train",
-            "--model",
-            str(STORIES260K),
-            "--exit-layers",
-            "2",
-            "4",
-            "--output",
-            str(output),
-            "--train-tokens",
-            "1500",
-            "--eval-tokens",
-            "400",
-            "--block-size",
-            "64",
-            "--generation-tokens",
-            "8",
-            "--epochs",
-            "2",
-            "--cache-hidden-states",
-        ]
-    )
+    main([*TINY_TRAINING, "--output", str(output), "--generation-tokens", "8"])
     printed = capsys.readouterr().out
     rows = re.findall(r"^\s+(\d)\s+([\d.]+)%\s+([\d.]+)%\s+([\d.]+)$", printed, flags=re.MULTILINE)
     assert [row[0] for row in rows] == ["2", "4"]
@@ -118,6 +116,33 @@ def test_train_writes_a_heads_folder_that_loads_and_records_its_training(tmp_pat
         AutoTokenizer.from_pretrained(output)("Once").input_ids
         == AutoTokenizer.from_pretrained(STORIES260K)("Once").input_ids
     )
+
+
+def test_train_writes_held_out_agreement_against_training_tokens(tmp_path, capsys):
+    curve = tmp_path / "docs" / "curve.md"
+    training = [
+        "--generation-tokens",
+        "0",
+        "--gradient-accumulation",
+        "2",
+        "--curve",
+        str(curve),
+        "--curve-points",
+        "3",
+    ]
+    main([*TINY_TRAINING, "--output", str(tmp_path / "heads"), *training])
+    printed = capsys.readouterr().out
+    after = re.findall(r"^\s+\d\s+[\d.]+%\s+([\d.]+)%\s+[\d.]+$", printed, flags=re.MULTILINE)
+    page = curve.read_text()
+    assert "--curve-points 3" in page and "![agreement against training tokens](curve.png)" in page
+    assert curve.with_suffix(".png").stat().st_size > 0
+    rows = re.findall(r"^\| ([\d,]+) \| (\d+) \| ([\d.]+)% \| ([\d.]+)% \|$", page, flags=re.MULTILINE)
+    tokens = [int(row[0].replace(",", "")) for row in rows]
+    steps = [int(row[1]) for row in rows]
+    # 1500 tokens in 64-token blocks: 24 blocks, 12 steps an epoch, 24 in all; evaluated at 0, 8, 16 and 24.
+    assert steps == [0, 8, 16, 24]
+    assert tokens[0] == 0 and tokens == sorted(tokens) and tokens[-1] == pytest.approx(3000, abs=64)
+    assert [row[2] for row in rows[-1:]] + [row[3] for row in rows[-1:]] == after  # the last point is "after"
 
 
 def test_train_tunes_lora_jointly_on_a_model_with_tied_embeddings(tmp_path, capsys):

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
 from tiny_models import VOCAB, tiny_model
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainerControl, TrainerState, TrainingArguments
 
 import early_exit
 from early_exit.calibration import collect_exit_scores
@@ -20,6 +20,7 @@ from early_exit.training import (
     EarlyExitTrainer,
     EarlyExitTrainingArguments,
     HiddenStateCache,
+    TrainingCurve,
     held_out_agreement,
     hidden_cache,
 )
@@ -274,3 +275,21 @@ def test_empty_training_or_evaluation_sets_are_refused_by_name(tmp_path, cache):
         held_out_agreement(model, TokenBlocks([]))
     with pytest.raises(InvalidOptionError, match="calibration set is empty"):
         collect_exit_scores(model, TokenBlocks([]), ["max_prob"])
+
+
+def test_the_training_curve_keeps_one_point_per_step_from_the_default_eval_set():
+    curve = TrainingCurve(tokens_per_step=1000.25)
+    state = TrainerState()
+    for step, metrics in [
+        (0, {"eval_agreement_layer_2": 0.1, "eval_agreement_layer_4": 0.2, "eval_loss": 3.0}),
+        (5, {"eval_code_agreement_layer_2": 0.9}),  # a named eval set: not the curve's
+        (5, {"eval_agreement_layer_2": 0.3, "eval_agreement_layer_4": 0.4}),
+        (5, {"eval_agreement_layer_2": 0.35, "eval_agreement_layer_4": 0.45}),  # evaluated again after training
+    ]:
+        state.global_step = step
+        curve.on_evaluate(TrainingArguments(output_dir="unused"), state, TrainerControl(), metrics=metrics)
+    assert curve.exit_layers == [2, 4]
+    assert [(point.tokens, point.step, point.agreement) for point in curve.points] == [
+        (0, 0, {2: 0.1, 4: 0.2}),
+        (5001, 5, {2: 0.35, 4: 0.45}),
+    ]

@@ -1,6 +1,7 @@
 """Self-supervised training of exit heads: the distillation loss, `EarlyExitTrainer`, the hidden-state cache, and
 the agreement measures that evaluate heads."""
 
+from .curve import TrainingCurve, TrainingCurvePoint
 from .evaluation import ExitAgreement, held_out_agreement, measure_agreement
 from .hidden_cache import HiddenStateCache, estimate_cache_bytes
 from .loss import WEIGHTING_SCHEMES, exit_distillation_loss, exit_weights
@@ -12,6 +13,8 @@ __all__ = [
     "EarlyExitTrainingArguments",
     "ExitAgreement",
     "HiddenStateCache",
+    "TrainingCurve",
+    "TrainingCurvePoint",
     "estimate_cache_bytes",
     "exit_distillation_loss",
     "exit_weights",
