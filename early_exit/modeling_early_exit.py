@@ -6,7 +6,7 @@ import copy
 import os
 import tempfile
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,7 @@ from .errors import CheckpointError, HeadMismatchError, InvalidOptionError
 from .generation import DEFAULT_LOOKUP_TOKENS, ExitDecodingConfig, PromptLookup, generate_with_exits
 from .heads import HEAD_TYPES, build_head, exit_logits, head_inputs, open_head_slots
 from .hub import upload_heads
-from .kernels import FewPositionLinears
+from .kernels import FewPositionAttention, FewPositionLinears
 from .model_card import heads_model_card
 
 logger = logging.get_logger(__name__)
@@ -129,6 +129,7 @@ class EarlyExitForCausalLM(PreTrainedModel):
         # A plain attribute, not a submodule: it only points at modules `self.base` already owns.
         self.decoder: DecoderAdapter = decoder
         self._decoding_kernels: dict[bool, FewPositionLinears] = {}  # by prepack, made on first use
+        self._decoding_attention: FewPositionAttention | None = None
         if unwrap_model(base_model) is base_model:
             base_model.requires_grad_(False)
         self.post_init()
@@ -263,14 +264,17 @@ class EarlyExitForCausalLM(PreTrainedModel):
 
     def decoding_kernels(self, kernels: str = "packed") -> AbstractContextManager:
         """A `with` block inside which this thread runs the model's linear layers in the matmul forms `kernels`
-        names ("packed", "unpacked" or "stock", see `early_exit.generation.options.KERNELS`); other threads and code
-        outside the block are unaffected. The packed weights are made on first use and kept with the model."""
+        names ("packed", "unpacked" or "stock", see `early_exit.generation.options.KERNELS`) and, but for "stock",
+        lets SDPA share key/value heads in passes of several positions (`FewPositionAttention`); other threads and
+        code outside the block are unaffected. The packed weights are made on first use and kept with the model."""
         if kernels == "stock":
             return nullcontext()
         prepack = kernels == "packed"
         if prepack not in self._decoding_kernels:
             self._decoding_kernels[prepack] = FewPositionLinears(self, prepack=prepack)
-        return self._decoding_kernels[prepack]
+        if self._decoding_attention is None:
+            self._decoding_attention = FewPositionAttention(self)
+        return _entered_together(self._decoding_kernels[prepack], self._decoding_attention)
 
     def base_tokenizer(self) -> PreTrainedTokenizerBase:
         """The base model's tokenizer: `model.tokenizer` if set (as loading a heads folder that carries one sets it),
@@ -567,6 +571,15 @@ class EarlyExitForCausalLM(PreTrainedModel):
         expected = {f"exit_heads.{name}": tensor for name, tensor in self.exit_heads.state_dict().items()}
         check_head_weights(expected, weights, source)
         self.load_state_dict(weights, strict=False)
+
+
+@contextmanager
+def _entered_together(*scopes: AbstractContextManager) -> Iterator[None]:
+    """One `with` block over several, entered in order and left in reverse."""
+    with ExitStack() as stack:
+        for scope in scopes:
+            stack.enter_context(scope)
+        yield
 
 
 def _record_or_check_base_shape(config: EarlyExitConfig, decoder: DecoderAdapter) -> None:

@@ -23,14 +23,20 @@ from early_exit.pruning import VocabPruner, VocabPruningConfig, frequent_tokens,
 
 ARCHITECTURES = sorted(TINY_CONFIGS)
 EXITS = [1, 2, 3]
-_MODELS: dict[str, early_exit.EarlyExitForCausalLM] = {}
+#: Eager attention, and SDPA, which decoding's passes of several positions run through `shared_kv_sdpa`.
+ATTENTIONS = ["eager", "sdpa"]
+NO_SDPA = {"gemma2"}  # transformers runs it eagerly only
+_MODELS: dict[tuple[str, str], early_exit.EarlyExitForCausalLM] = {}
 
 
-def _model(model_type: str) -> early_exit.EarlyExitForCausalLM:
-    """A tiny model with heads (peaked weights, so confident exits happen); shared, never modified by the tests."""
-    if model_type not in _MODELS:
-        _MODELS[model_type] = early_exit.add_exit_heads(tiny_model(model_type, initializer_range=0.3), EXITS)
-    return _MODELS[model_type]
+def _model(model_type: str, attention: str = "eager") -> early_exit.EarlyExitForCausalLM:
+    """A tiny model with heads (peaked weights, so confident exits happen) on the attention implementation
+    `attention` (eager where transformers has no other); shared, never modified by the tests."""
+    attention = "eager" if model_type in NO_SDPA else attention
+    if (model_type, attention) not in _MODELS:
+        base = tiny_model(model_type, attention=attention, initializer_range=0.3)
+        _MODELS[model_type, attention] = early_exit.add_exit_heads(base, EXITS)
+    return _MODELS[model_type, attention]
 
 
 def _prompts(seed: int, batch: int, length: int, padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,9 +98,10 @@ def test_full_depth_sampling_equals_base_sampling_under_one_seed(temperature):
     seed=st.integers(0, 10_000),
     batch=st.integers(1, 2),
     thresholds=st.lists(st.sampled_from([0.0, 0.2, 0.4, 0.6, math.inf]), min_size=3, max_size=3),
+    attention=st.sampled_from(ATTENTIONS),
 )
-def test_deferred_fill_leaves_the_cache_of_one_full_forward_pass(model_type, seed, batch, thresholds):
-    model = _model(model_type)
+def test_deferred_fill_leaves_the_cache_of_one_full_forward_pass(model_type, seed, batch, thresholds, attention):
+    model = _model(model_type, attention)
     ids, mask = _prompts(seed, batch, 5, padded=True)
     output = _greedy(model, ids, mask, max_new_tokens=10, exit_thresholds=thresholds)
     sequences = output.sequences[:, :-1]

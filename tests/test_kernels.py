@@ -11,12 +11,14 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_generation import _model, _prompts
 from tiny_models import VOCAB, run_layers, tiny_model
 from torch import nn
 from transformers import DynamicCache
 
 from early_exit.architectures import get_decoder_adapter
-from early_exit.kernels import multi_position
+from early_exit.kernels import FewPositionAttention, attention, multi_position
+from early_exit.kernels.attention import ATTENTION_NAME
 from early_exit.kernels.multi_position import (
     FewPositionLinears,
     LinearForm,
@@ -199,3 +201,107 @@ def test_decoder_logits_equal_with_and_without_the_scope():
         results.append(torch.cat(logits, 1))
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(results[0], model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+# --- attention: key/value heads shared, not copied, in passes of several positions --------------------------------
+def _count_shared_calls(monkeypatch) -> list[int]:
+    """Record the thread of every attention call that `shared_kv_sdpa` computes itself."""
+    calls: list[int] = []
+    shares = attention._shares_heads
+
+    def counting(*args):
+        taken = shares(*args)
+        if taken:
+            calls.append(threading.get_ident())
+        return taken
+
+    monkeypatch.setattr(attention, "_shares_heads", counting)
+    return calls
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    model_type=st.sampled_from(["llama", "mistral", "qwen3", "phi3", "gemma3_text", "gpt2"]),
+    batch=st.integers(1, 2),
+    steps=st.lists(st.integers(1, 5), min_size=1, max_size=3),
+    seed=st.integers(0, 2**16),
+)
+def test_attention_scope_matches_sdpa_over_a_cache(model_type, batch, steps, seed):
+    """Prompt (left-padded in a batch), then passes of 1-5 new positions on the cache: the same logits with and
+    without the scope, and the shared path taken for every grouped-query pass of several positions on the cache
+    (gpt2's ungrouped heads stay on transformers' own function)."""
+    model = tiny_model(model_type, attention="sdpa")
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, 6 + sum(steps)), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1:, :2] = 0
+    scope = FewPositionAttention(model)
+    shared = []
+    results = []
+    for use_scope in (False, True):
+        cache = DynamicCache(config=model.config)
+        logits, start = [], 0
+        with pytest.MonkeyPatch.context() as patch, torch.inference_mode(), scope if use_scope else nullcontext():
+            calls = _count_shared_calls(patch)
+            for stop in (6, *(6 + sum(steps[: index + 1]) for index in range(len(steps)))):
+                out = model(ids[:, start:stop], attention_mask=mask[:, :stop], past_key_values=cache, use_cache=True)
+                logits.append(out.logits)
+                start = stop
+        shared.append(len(calls))
+        results.append(torch.cat(logits, 1))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)
+    # Every pass of several positions on the cache needs a mask; the prompt's only where padded or windowed.
+    layers = model.config.num_hidden_layers
+    on_cache = layers * sum(step > 1 for step in steps)
+    assert shared[0] == 0
+    if model_type == "gpt2":
+        assert shared[1] == 0
+    else:
+        assert on_cache <= shared[1] <= on_cache + layers
+
+
+def test_attention_scope_switches_only_sdpa_configs_and_only_for_its_threads(monkeypatch):
+    model = tiny_model("llama", attention="sdpa")
+    eager = tiny_model("llama")
+    scope = FewPositionAttention(torch.nn.ModuleList([model, eager]))
+    ids = torch.randint(3, VOCAB, (1, 8))
+    padded = torch.ones_like(ids)
+    padded[:, 0] = 0  # a mask SDPA needs, so the shared path is taken
+    calls = _count_shared_calls(monkeypatch)
+    expected = model(ids, attention_mask=padded).logits[:, 1:]
+    outside: list[torch.Tensor] = []
+    with torch.inference_mode(), scope:
+        assert model.config._attn_implementation == ATTENTION_NAME and eager.config._attn_implementation == "eager"
+        with scope:  # blocks nest; the inner exit restores nothing
+            pass
+        assert model.config._attn_implementation == ATTENTION_NAME
+        thread = threading.Thread(target=lambda: outside.append(model(ids, attention_mask=padded).logits[:, 1:]))
+        thread.start()
+        thread.join()
+        torch.testing.assert_close(model(ids, attention_mask=padded).logits[:, 1:], expected, rtol=1e-5, atol=1e-5)
+    assert set(calls) == {threading.get_ident()} and len(calls) == model.config.num_hidden_layers
+    torch.testing.assert_close(outside[0], expected)
+    assert model.config._attn_implementation == "sdpa" and "_attn_implementation_internal" not in model.config.to_dict()
+    with pytest.raises(ValueError, match="inside"), scope:
+        raise ValueError("inside")
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_speculative_verification_shares_key_value_heads_and_keeps_generates_output(monkeypatch):
+    """DSSD verifies drafts in passes of several positions: on an SDPA model they take the shared path (not
+    `base.generate`, which runs without the scope), and the output is still `base.generate`'s."""
+    model = _model("llama", "sdpa")
+    ids, mask = _prompts(3, 2, 6, padded=True)
+    arguments = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    expected = model.base.generate(ids, attention_mask=mask, **arguments)
+    calls = _count_shared_calls(monkeypatch)
+    output = model.generate(
+        ids,
+        attention_mask=mask,
+        speculative=True,
+        exit_thresholds=[0.0, 0.0, 0.0],
+        return_dict_in_generate=True,
+        **arguments,
+    )
+    assert torch.equal(output.sequences, expected)
+    assert output.drafted.sum() > 0 and len(calls) > 0

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_generation import ARCHITECTURES, SHARED_VOCABULARY, _full_forward_cache, _model, _prompts
+from test_generation import ARCHITECTURES, ATTENTIONS, SHARED_VOCABULARY, _full_forward_cache, _model, _prompts
 from tiny_models import VOCAB
 from transformers.generation.streamers import BaseStreamer
 
@@ -44,6 +44,7 @@ def _speculative(model, ids, mask, **kwargs) -> SpeculativeGenerateOutput:
     repetition_penalty=st.sampled_from([1.0, 1.3]),
     prompt_lookup=st.sampled_from([NO_LOOKUP, {}, LOOKUP_UNIGRAMS]),
     vocab_pruning=st.sampled_from([False, SHARED_VOCABULARY]),
+    attention=st.sampled_from(ATTENTIONS),
 )
 def test_greedy_output_equals_base_generate(
     model_type,
@@ -56,8 +57,9 @@ def test_greedy_output_equals_base_generate(
     repetition_penalty,
     prompt_lookup,
     vocab_pruning,
+    attention,
 ):
-    model = _model(model_type)
+    model = _model(model_type, attention)
     batch = 1 if model_type in SLIDING else batch  # batches there are refused (see the error test)
     ids, mask = _prompts(seed, batch, length, padded=True)
     arguments = dict(max_new_tokens=12, do_sample=False, eos_token_id=eos, repetition_penalty=repetition_penalty)
@@ -129,11 +131,12 @@ def test_every_position_runs_each_layer_exactly_once(prompt_lookup):
     exit_thresholds=thresholds,
     max_draft_tokens=st.integers(1, 4),
     prompt_lookup=st.sampled_from([NO_LOOKUP, LOOKUP_UNIGRAMS]),
+    attention=st.sampled_from(ATTENTIONS),
 )
 def test_cache_after_rollback_is_one_full_forward_pass(
-    model_type, seed, exit_thresholds, max_draft_tokens, prompt_lookup
+    model_type, seed, exit_thresholds, max_draft_tokens, prompt_lookup, attention
 ):
-    model = _model(model_type)
+    model = _model(model_type, attention)
     ids, mask = _prompts(seed, 1, 5, padded=False)
     output = _speculative(
         model,

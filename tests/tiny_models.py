@@ -40,10 +40,11 @@ TINY_CONFIGS: dict[str, dict] = {
 }
 
 
-def tiny_model(model_type: str, seed: int = 0, **overrides) -> PreTrainedModel:
-    """A tiny random causal LM of `model_type` in eval mode, float32, eager attention."""
+def tiny_model(model_type: str, seed: int = 0, attention: str = "eager", **overrides) -> PreTrainedModel:
+    """A tiny random causal LM of `model_type` in eval mode, float32, with the attention implementation
+    `attention` (eager by default)."""
     config = AutoConfig.for_model(model_type, **{**TINY_CONFIGS[model_type], **overrides})
-    config._attn_implementation = "eager"
+    config._attn_implementation = attention
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config).eval()
 

@@ -13,15 +13,15 @@ its `with` block; `linear_for_rows` is the function behind it.
 from __future__ import annotations
 
 import functools
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from types import TracebackType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .scope import ThreadScope
 
 
 class LinearForm(str, Enum):
@@ -191,7 +191,7 @@ class _Linear:
     packed_from: tuple[int, int, int] | None = None
 
 
-class FewPositionLinears:
+class FewPositionLinears(ThreadScope):
     """Run the `nn.Linear` modules inside `module` through `linear_for_rows` while the current thread is inside a
     `with` block of this object.
 
@@ -226,10 +226,8 @@ class FewPositionLinears:
         for linear in self._linears:
             linear.forward = self._forward_for(linear)
         self._prepack = prepack
-        self._lock = threading.Lock()
-        self._thread = threading.local()
-        self._depth = 0  # blocks open over all threads
         self._patched: list[_Linear] = []
+        super().__init__()
         self._refresh_packed()
 
     @property
@@ -241,28 +239,12 @@ class FewPositionLinears:
             if linear.packed is not None
         )
 
-    @property
-    def active(self) -> bool:
-        """Whether the current thread is inside a block of this object."""
-        return getattr(self._thread, "depth", 0) > 0
+    def _open(self) -> None:
+        self._refresh_packed()
+        self._patch()
 
-    def __enter__(self) -> FewPositionLinears:
-        with self._lock:
-            if self._depth == 0:
-                self._refresh_packed()
-                self._patch()
-            self._depth += 1
-        self._thread.depth = getattr(self._thread, "depth", 0) + 1
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self._thread.depth -= 1
-        with self._lock:
-            self._depth -= 1
-            if self._depth == 0:
-                self._restore()
+    def _close(self) -> None:
+        self._restore()
 
     def _refresh_packed(self) -> None:
         """(Re)pack the weights replaced or updated in place since they were packed."""

@@ -9,9 +9,9 @@ the minimum and median ms, ratios of minimums, and the memory-bandwidth bound: t
 KV cache) over the streaming read bandwidth measured in the same run (one sum over 512 MB per round; the bound is
 given at the best and at the median of the rounds, as other tenants of the machine share its memory bus).
 
-Variants: stock; `FewPositionLinears` with and without packed weights; and the former with transformers'
-`TRANSFORMERS_SDPA_FORCE_GQA=1`, which lets SDPA share key/value heads instead of copying them when a pass of several
-positions needs a mask.
+Variants: stock; `FewPositionLinears` with and without packed weights; and the former with `FewPositionAttention`,
+which lets SDPA share key/value heads instead of copying them when a pass of several positions needs a mask: what
+the decoding loop runs (`EarlyExitForCausalLM.decoding_kernels`).
 
     early-exit bench kernels --output docs/kernels-smollm2-135m.md
     python examples/benchmark_kernels.py --output docs/kernels-smollm2-135m.md  (the same)
@@ -33,7 +33,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +44,7 @@ from transformers.cache_utils import DynamicCache
 
 from early_exit import load_default_model
 from early_exit.architectures import DecoderAdapter, get_decoder_adapter
+from early_exit.kernels import FewPositionAttention
 from early_exit.kernels.multi_position import FewPositionLinears, linear_for_rows, pack_weight
 
 from ..parser import positive_int
@@ -52,12 +53,10 @@ from ..parser import positive_int
 SCRIPT = "python examples/benchmark_kernels.py"
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-STOCK, CHOSEN, UNPACKED = "stock", "FewPositionLinears", "FewPositionLinears(prepack=False)"
-#: transformers' switch (read at every attention call) that lets SDPA share each key/value head among its query heads
-#: itself, where by default a pass of several positions (which needs a mask) first copies keys and values per head.
-GQA_SWITCH = "TRANSFORMERS_SDPA_FORCE_GQA"
-CHOSEN_GQA = f"FewPositionLinears, {GQA_SWITCH}=1"
-VARIANTS = (STOCK, CHOSEN, UNPACKED, CHOSEN_GQA)
+STOCK, LINEARS_ONLY, UNPACKED = "stock", "FewPositionLinears", "FewPositionLinears(prepack=False)"
+#: What decoding runs, and what the profile compares with stock.
+CHOSEN = "FewPositionLinears + FewPositionAttention"
+VARIANTS = (STOCK, LINEARS_ONLY, UNPACKED, CHOSEN)
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -69,7 +68,8 @@ class Model:
     adapter: DecoderAdapter
     cache: DynamicCache
     continuation: torch.Tensor
-    scopes: dict[str, FewPositionLinears]
+    scopes: dict[str, list[FewPositionLinears | FewPositionAttention]]  # by variant
+    linears: FewPositionLinears  # the packed one
 
     def linear_bytes(self, name: str | None = None) -> int:
         """Bytes of the weights of the decoder linears called `name` (all of them by default), over all layers."""
@@ -98,8 +98,14 @@ def load(name: str, context: int, max_rows: int) -> Model:
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
         run_pass(adapter, cache, ids[:, :context])
-    scopes = {CHOSEN: FewPositionLinears(adapter.layers), UNPACKED: FewPositionLinears(adapter.layers, prepack=False)}
-    return Model(name, adapter, cache, ids[:, context:], scopes)
+    linears = FewPositionLinears(adapter.layers)
+    scopes = {
+        STOCK: [],
+        LINEARS_ONLY: [linears],
+        UNPACKED: [FewPositionLinears(adapter.layers, prepack=False)],
+        CHOSEN: [linears, FewPositionAttention(adapter.layers)],
+    }
+    return Model(name, adapter, cache, ids[:, context:], scopes, linears)
 
 
 def run_pass(adapter: DecoderAdapter, cache: DynamicCache, ids: torch.Tensor) -> torch.Tensor:
@@ -112,17 +118,11 @@ def run_pass(adapter: DecoderAdapter, cache: DynamicCache, ids: torch.Tensor) ->
 
 @contextmanager
 def running(model: Model, variant: str) -> Iterator[None]:
-    """The setting of `variant`: a scope or none, and `GQA_SWITCH` on for `CHOSEN_GQA` only."""
-    previous = os.environ.pop(GQA_SWITCH, None)
-    if variant == CHOSEN_GQA:
-        os.environ[GQA_SWITCH] = "1"
-    try:
-        with model.scopes[UNPACKED if variant == UNPACKED else CHOSEN] if variant != STOCK else nullcontext():
-            yield
-    finally:
-        os.environ.pop(GQA_SWITCH, None)
-        if previous is not None:
-            os.environ[GQA_SWITCH] = previous
+    """The scopes of `variant`, entered."""
+    with ExitStack() as stack:
+        for scope in model.scopes[variant]:
+            stack.enter_context(scope)
+        yield
 
 
 def timed_pass(model: Model, variant: str, rows: int) -> float:
@@ -501,7 +501,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         *goal_lines(models, args.rows, times),
     ]
     for model in models:
-        scope = model.scopes[CHOSEN]
+        scope = model.linears
         report.append(
             f"- {model.name}: `FewPositionLinears` holds {scope.packed_bytes / 1e6:.0f} MB of packed weights; "
             f"entering and leaving it costs {1e3 * scope_cost(scope):.2f} ms."
