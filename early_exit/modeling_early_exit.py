@@ -6,7 +6,7 @@ import copy
 import os
 import tempfile
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,7 @@ from .errors import CheckpointError, HeadMismatchError, InvalidOptionError
 from .generation import DEFAULT_LOOKUP_TOKENS, ExitDecodingConfig, PromptLookup, generate_with_exits
 from .heads import HEAD_TYPES, build_head, exit_logits, head_inputs, open_head_slots
 from .hub import upload_heads
-from .kernels import FewPositionAttention, FewPositionLinears
+from .kernels import FewPositionAttention, FewPositionLinears, entered_together
 from .model_card import heads_model_card
 
 logger = logging.get_logger(__name__)
@@ -274,7 +274,7 @@ class EarlyExitForCausalLM(PreTrainedModel):
             self._decoding_kernels[prepack] = FewPositionLinears(self, prepack=prepack)
         if self._decoding_attention is None:
             self._decoding_attention = FewPositionAttention(self)
-        return _entered_together(self._decoding_kernels[prepack], self._decoding_attention)
+        return entered_together(self._decoding_kernels[prepack], self._decoding_attention)
 
     def base_tokenizer(self) -> PreTrainedTokenizerBase:
         """The base model's tokenizer: `model.tokenizer` if set (as loading a heads folder that carries one sets it),
@@ -571,15 +571,6 @@ class EarlyExitForCausalLM(PreTrainedModel):
         expected = {f"exit_heads.{name}": tensor for name, tensor in self.exit_heads.state_dict().items()}
         check_head_weights(expected, weights, source)
         self.load_state_dict(weights, strict=False)
-
-
-@contextmanager
-def _entered_together(*scopes: AbstractContextManager) -> Iterator[None]:
-    """One `with` block over several, entered in order and left in reverse."""
-    with ExitStack() as stack:
-        for scope in scopes:
-            stack.enter_context(scope)
-        yield
 
 
 def _record_or_check_base_shape(config: EarlyExitConfig, decoder: DecoderAdapter) -> None:

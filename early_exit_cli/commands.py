@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import tempfile
 import time
 from dataclasses import replace
@@ -226,8 +225,6 @@ def train(args: argparse.Namespace) -> None:
         check_writable(args.curve.parent)
     # Trainer needs an output folder even when it saves nothing; this one goes when train() returns.
     scratch = None if args.checkpoint_dir else tempfile.TemporaryDirectory(prefix="early-exit-train-")
-    micro_batches = math.ceil(len(corpus["train"]) / args.batch_size)
-    total_steps = math.ceil(args.epochs * math.ceil(micro_batches / args.gradient_accumulation))
     training_args = EarlyExitTrainingArguments(
         output_dir=args.checkpoint_dir or scratch.name,
         per_device_train_batch_size=args.batch_size,
@@ -240,8 +237,9 @@ def train(args: argparse.Namespace) -> None:
         weight_decay=0.0,
         logging_steps=10,
         save_strategy="epoch" if args.checkpoint_dir else "no",
-        eval_strategy="steps" if args.curve else "no",
-        eval_steps=max(1, total_steps // args.curve_points),
+        # Below 1, transformers reads eval_steps as a share of the run's steps.
+        eval_strategy="steps" if args.curve and args.curve_points > 1 else "no",
+        eval_steps=1 / args.curve_points,
         bf16=args.bf16,
         use_cpu=not torch.cuda.is_available(),
         report_to="none",
@@ -252,7 +250,7 @@ def train(args: argparse.Namespace) -> None:
         cache_hidden_states=args.cache_hidden_states,
         cache_dtype="bfloat16" if args.cache_hidden_states and args.bf16 else None,
     )
-    curve = TrainingCurve(args.epochs * corpus["train"].num_tokens / total_steps)
+    curve = TrainingCurve(args.epochs * corpus["train"].num_tokens)
     trainer = EarlyExitTrainer(
         model, training_args, train_dataset=corpus["train"], eval_dataset=corpus["eval"], callbacks=[curve]
     )

@@ -189,7 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
         "plot beside it)",
     )
     train.add_argument(
-        "--curve-points", type=positive_int, default=8, help="evaluations during training for --curve (default 8)"
+        "--curve-points",
+        type=positive_int,
+        default=8,
+        help="points of --curve, the last at the end of training (default 8)",
     )
 
     report = commands.add_parser("report", help="held-out agreement of heads folders vs the logit lens")

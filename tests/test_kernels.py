@@ -281,7 +281,7 @@ def test_attention_scope_switches_only_sdpa_configs_and_only_for_its_threads(mon
         torch.testing.assert_close(model(ids, attention_mask=padded).logits[:, 1:], expected, rtol=1e-5, atol=1e-5)
     assert set(calls) == {threading.get_ident()} and len(calls) == model.config.num_hidden_layers
     torch.testing.assert_close(outside[0], expected)
-    assert model.config._attn_implementation == "sdpa" and "_attn_implementation_internal" not in model.config.to_dict()
+    assert model.config._attn_implementation == "sdpa"
     with pytest.raises(ValueError, match="inside"), scope:
         raise ValueError("inside")
     assert model.config._attn_implementation == "sdpa"

@@ -278,8 +278,8 @@ def test_empty_training_or_evaluation_sets_are_refused_by_name(tmp_path, cache):
 
 
 def test_the_training_curve_keeps_one_point_per_step_from_the_default_eval_set():
-    curve = TrainingCurve(tokens_per_step=1000.25)
-    state = TrainerState()
+    curve = TrainingCurve(train_tokens=10_002.5)
+    state = TrainerState(max_steps=10)
     for step, metrics in [
         (0, {"eval_agreement_layer_2": 0.1, "eval_agreement_layer_4": 0.2, "eval_loss": 3.0}),
         (5, {"eval_code_agreement_layer_2": 0.9}),  # a named eval set: not the curve's

@@ -2,10 +2,11 @@
 
 In grouped-query attention several query heads read one key/value head. For a single new position transformers'
 SDPA attention folds each group into one head; for several (DSSD's verification, the deferred fill), which need a
-causal mask over the cache, it first copies every key and value head once per query head and runs the math kernel:
-0.12 ms a layer on SmolLM2-135M at 4 positions on 2 CPU cores, against 0.07 ms when SDPA shares the heads itself
-(`enable_gqa`), about 1.5 ms a pass. Transformers only lets SDPA share with a mask under an environment switch,
-global to the process; `FewPositionAttention` does it for the threads inside its `with` block only.
+causal mask over the cache, it first copies every key and value head once per query head. Letting SDPA share the
+heads itself (`enable_gqa`) takes a 4-position pass of SmolLM2-135M from 1.32x to 1.24x the time of a 1-position pass
+on 2 CPU cores (`docs/kernels-smollm2-135m.md`, both in one run). Transformers only lets SDPA share with a mask under an
+environment switch, global to the process; `FewPositionAttention` does it for the threads inside its `with` block
+only.
 """
 
 from __future__ import annotations
@@ -57,10 +58,11 @@ def _shares_heads(
     """Whether this call is one `shared_kv_sdpa` computes itself: grouped heads, several positions, a plain mask, on
     a CPU, and none of the options (soft-capping, position biases, paged caches, weights returned) that transformers'
     own function handles."""
+    # Cheapest and most often false first: most decoding passes are of one position.
     return (
-        getattr(module, "num_key_value_groups", 1) > 1
+        query.shape[2] > 1
+        and getattr(module, "num_key_value_groups", 1) > 1
         and query.device.type == "cpu"
-        and query.shape[2] > 1
         and mask is not None
         and mask.dim() == 4
         and not (dropout and module.training)

@@ -1,8 +1,11 @@
-"""`ThreadScope`: a `with` block that changes how a model computes for the threads inside it only."""
+"""`ThreadScope`: a `with` block that changes how a model computes for the threads inside it only; `entered_together`
+to enter several."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from types import TracebackType
 from typing import Self
 
@@ -45,3 +48,12 @@ class ThreadScope:
 
     def _close(self) -> None:
         raise NotImplementedError
+
+
+@contextmanager
+def entered_together(*scopes: AbstractContextManager) -> Iterator[None]:
+    """One `with` block over several, entered in order and left in reverse."""
+    with ExitStack() as stack:
+        for scope in scopes:
+            stack.enter_context(scope)
+        yield

@@ -29,11 +29,12 @@ class TrainingCurve(TrainerCallback):
     """Records per-exit held-out agreement at each evaluation, against the training tokens seen.
 
     Attributes:
-        tokens_per_step: training tokens in one optimizer step (batch x accumulation x block length, on average).
+        train_tokens: training tokens over the whole run (the text's tokens times the epochs); a point after step s
+            of the run's `max_steps` has seen `s / max_steps` of them.
         points: one per evaluation, in step order; a second evaluation at the same step replaces the first.
     """
 
-    tokens_per_step: float
+    train_tokens: float
     points: list[TrainingCurvePoint] = field(default_factory=list)
 
     def on_evaluate(
@@ -49,7 +50,8 @@ class TrainingCurve(TrainerCallback):
         }
         if not agreement:
             return
-        point = TrainingCurvePoint(round(state.global_step * self.tokens_per_step), state.global_step, agreement)
+        seen = state.global_step * self.train_tokens / state.max_steps if state.max_steps else 0.0
+        point = TrainingCurvePoint(round(seen), state.global_step, agreement)
         if self.points and self.points[-1].step == point.step:
             self.points[-1] = point
         else:

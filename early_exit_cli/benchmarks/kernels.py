@@ -33,7 +33,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +44,7 @@ from transformers.cache_utils import DynamicCache
 
 from early_exit import load_default_model
 from early_exit.architectures import DecoderAdapter, get_decoder_adapter
-from early_exit.kernels import FewPositionAttention
+from early_exit.kernels import FewPositionAttention, entered_together
 from early_exit.kernels.multi_position import FewPositionLinears, linear_for_rows, pack_weight
 
 from ..parser import positive_int
@@ -69,7 +69,6 @@ class Model:
     cache: DynamicCache
     continuation: torch.Tensor
     scopes: dict[str, list[FewPositionLinears | FewPositionAttention]]  # by variant
-    linears: FewPositionLinears  # the packed one
 
     def linear_bytes(self, name: str | None = None) -> int:
         """Bytes of the weights of the decoder linears called `name` (all of them by default), over all layers."""
@@ -105,7 +104,7 @@ def load(name: str, context: int, max_rows: int) -> Model:
         UNPACKED: [FewPositionLinears(adapter.layers, prepack=False)],
         CHOSEN: [linears, FewPositionAttention(adapter.layers)],
     }
-    return Model(name, adapter, cache, ids[:, context:], scopes, linears)
+    return Model(name, adapter, cache, ids[:, context:], scopes)
 
 
 def run_pass(adapter: DecoderAdapter, cache: DynamicCache, ids: torch.Tensor) -> torch.Tensor:
@@ -119,9 +118,7 @@ def run_pass(adapter: DecoderAdapter, cache: DynamicCache, ids: torch.Tensor) ->
 @contextmanager
 def running(model: Model, variant: str) -> Iterator[None]:
     """The scopes of `variant`, entered."""
-    with ExitStack() as stack:
-        for scope in model.scopes[variant]:
-            stack.enter_context(scope)
+    with entered_together(*model.scopes[variant]):
         yield
 
 
@@ -501,7 +498,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         *goal_lines(models, args.rows, times),
     ]
     for model in models:
-        scope = model.linears
+        scope = model.scopes[LINEARS_ONLY][0]  # the packed one
         report.append(
             f"- {model.name}: `FewPositionLinears` holds {scope.packed_bytes / 1e6:.0f} MB of packed weights; "
             f"entering and leaving it costs {1e3 * scope_cost(scope):.2f} ms."
