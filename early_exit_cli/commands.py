@@ -267,7 +267,8 @@ def train(args: argparse.Namespace) -> None:
     if "eval_final_kl" in after:
         print(
             f"final layer's KL to the original model: {before['eval_final_kl']:.4f} before, "
-            f"{after['eval_final_kl']:.4f} after"
+            f"{after['eval_final_kl']:.4f} after; its top-1 agreement with the original: "
+            f"{100 * after['eval_final_agreement']:.1f}%"
         )
     model.config.training = {
         "objective": "KL from the final layer's next-token distribution to each exit's (self-supervised, no labels)",

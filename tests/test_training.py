@@ -188,6 +188,7 @@ def test_joint_tuning_keeps_the_final_layer_close_while_exits_improve(tmp_path):
     before, after = _train(model, tmp_path, final_layer_weight=2.0)
     assert before["eval_final_kl"] == pytest.approx(0.0, abs=1e-6)  # LoRA starts as the identity
     assert after["eval_final_kl"] < 0.05  # the tuned final layer stays close to the original model
+    assert before["eval_final_agreement"] == 1.0 and after["eval_final_agreement"] > 0.9
     assert _mean_agreement(after, model.exit_layers) > _mean_agreement(before, model.exit_layers) + 0.03
     lora = {name: tensor for name, tensor in model.base.named_parameters() if "lora_B" in name}
     assert lora and all(tensor.abs().sum() > 0 for tensor in lora.values())  # the backbone adapter did train

@@ -225,7 +225,8 @@ class EarlyExitTrainer(Trainer):
         metric_key_prefix: str = "eval",
     ) -> dict[str, float]:
         """Per-exit top-1 agreement with the final layer and KL from it, the loss, and (joint tuning) the final
-        layer's KL to the original model, over the evaluation set; logged and returned."""
+        layer's KL to the original model and its top-1 agreement with it, over the evaluation set; logged and
+        returned."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if isinstance(dataset, dict):
             metrics = {}
@@ -250,7 +251,9 @@ class EarlyExitTrainer(Trainer):
                     self._loss(exit_logits, final_logits, teacher_logits, mask).double().cpu() * mask.sum().cpu()
                 )
         inner.train(was_training)
-        totals = torch.tensor([exits.tokens, *exits.agreeing, *exits.kl_sums, final.kl_sums[0]], dtype=torch.float64)
+        totals = torch.tensor(
+            [exits.tokens, *exits.agreeing, *exits.kl_sums, final.kl_sums[0], final.agreeing[0]], dtype=torch.float64
+        )
         totals = torch.cat([totals, loss_sum.reshape(1)])
         if self.accelerator.num_processes > 1:
             totals = self.accelerator.reduce(totals.to(self.args.device), "sum").cpu()
@@ -261,6 +264,7 @@ class EarlyExitTrainer(Trainer):
             metrics[f"{metric_key_prefix}_kl_layer_{layer}"] = float(totals[1 + count + index]) / tokens
         if self.joint_tuning:
             metrics[f"{metric_key_prefix}_final_kl"] = float(totals[1 + 2 * count]) / tokens
+            metrics[f"{metric_key_prefix}_final_agreement"] = float(totals[2 + 2 * count]) / tokens
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
