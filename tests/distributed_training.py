@@ -87,6 +87,11 @@ def main(output_dir: Path) -> None:
         for cache in (False, True):
             heads = train_heads(output_dir / "trainer", cache, batch_size, accumulation)
             torch.save(heads, output_dir / result_name(setup, cache, rank))
+    # Left to process exit, gloo's threads sometimes abort the process ("terminate called without an active
+    # exception") after all its work is done.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
