@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
+from ..transformers_compat import CACHE_NAME
 from .base import DecoderAdapter, LayerInputs
 from .registry import register_architecture
 
@@ -85,7 +86,7 @@ class OPTDecoderAdapter(DecoderAdapter):
             hidden,
             attention_mask=inputs.attention_masks[layer_type],
             position_ids=inputs.position_ids,
-            past_key_values=inputs.cache,
+            **{CACHE_NAME: inputs.cache},
             use_cache=inputs.cache is not None,
         )
 

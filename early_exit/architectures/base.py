@@ -19,6 +19,7 @@ from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from ..kernels import project_rows
+from ..transformers_compat import CACHE_NAME
 
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
@@ -166,7 +167,7 @@ class DecoderAdapter(ABC):
             config=self.config,
             inputs_embeds=hidden,
             attention_mask=attention_mask,
-            past_key_values=cache,
+            **{CACHE_NAME: cache},
             position_ids=position_ids,
             layer_idx=cache_index,
         )

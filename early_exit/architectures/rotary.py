@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..transformers_compat import CACHE_NAME
 from .base import DecoderAdapter, LayerInputs
 from .registry import register_architecture
 
@@ -21,7 +22,7 @@ class RotaryDecoderAdapter(DecoderAdapter):
     """Adapter for decoders whose inner model holds `embed_tokens`, `layers`, `norm` and `rotary_emb`."""
 
     norm_attribute = "norm"
-    cache_argument = "past_key_values"
+    cache_argument = CACHE_NAME
 
     @property
     def inner(self) -> nn.Module:

@@ -30,6 +30,7 @@ from transformers.cache_utils import Cache, DynamicCache
 
 from ..heads import SlotCache, exit_logits, head_cache_slots, head_inputs, open_head_slots
 from ..pruning import VocabPruner, exits_to_score, scatter_to_vocabulary
+from ..transformers_compat import CACHE_NAME
 from .policy import ExitPolicy
 
 if TYPE_CHECKING:
@@ -348,7 +349,7 @@ def start_decoding(
     position_ids = model_kwargs.get("position_ids")
     if position_ids is None:
         position_ids = model._prepare_position_ids_for_generation(input_ids, {"attention_mask": attention_mask})
-    cache = model_kwargs.get("past_key_values")
+    cache = model_kwargs.get(CACHE_NAME)
     if cache is None:
         cache = DynamicCache(config=model.config)
     return attention_mask, position_ids, cache

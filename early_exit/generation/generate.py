@@ -19,6 +19,7 @@ from transformers import GenerationConfig
 from transformers.generation import GenerateDecoderOnlyOutput, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from ..transformers_compat import CACHE_NAME
 from .decoding import DecodingStatistics, LayerwiseDecoder, start_decoding
 from .lookup import PromptLookup
 from .options import ExitDecodingConfig
@@ -117,7 +118,7 @@ def early_exit_sampling(
         sequences=input_ids,
         scores=scores,
         logits=raw_logits,
-        past_key_values=cache,
+        **{CACHE_NAME: cache},
         exit_layers=torch.stack([first_exit, *stats.exit_layers], dim=1),
         layers_run=torch.tensor([layerwise.num_layers, *stats.layers_run]),
         layer_seconds=stats.layer_seconds,

@@ -36,6 +36,7 @@ from transformers.generation import (
 )
 from transformers.generation.streamers import BaseStreamer
 
+from ..transformers_compat import CACHE_NAME
 from .decoding import LayerwiseDecoder, start_decoding
 from .lookup import PromptLookup
 from .options import DEFAULT_MAX_DRAFT_TOKENS
@@ -226,7 +227,7 @@ def self_speculative_sampling(
         sequences=sequences,
         scores=_steps(row_scores) if keep_scores else None,
         logits=_steps(row_logits) if keep_logits else None,
-        past_key_values=cache,
+        **{CACHE_NAME: cache},
         drafted=drafted,
         accepted=accepted,
         acceptance_rate=accepted.sum().item() / drafted.sum().item() if drafted.sum() else float("nan"),
