@@ -35,6 +35,7 @@ from early_exit.reporting import benchmark_page  # noqa: E402
 
 from ..parser import add_placement_arguments, positive_int  # noqa: E402
 from ..placement import SHIPPED_HEADS, model_placement  # noqa: E402
+from .machine import describe_machine  # noqa: E402
 
 #: How the report names the command when `main` is given no `prog` (the script that runs this module).
 SCRIPT = "python examples/benchmark_generate.py"
@@ -236,6 +237,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         print(f"batch {batch_size}: base {base_batch:.1f} tokens/s, early exit {ours:.1f}", file=sys.stderr)
 
     lines = [
+        f"Machine: {describe_machine()}.",
+        "",
         f"Plain `base.generate`: {base_speed:.2f} tokens/s (greedy, batch 1, {len(prompts)} eval prompts, "
         f"{args.max_new_tokens} new tokens each). Ratios are against it, measured in the same run.",
         "",

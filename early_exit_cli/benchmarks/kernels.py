@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import os
 import random
 import statistics
 import sys
@@ -47,9 +46,10 @@ from early_exit.architectures import DecoderAdapter, get_decoder_adapter
 from early_exit.kernels import FewPositionAttention, entered_together
 from early_exit.kernels.forms import PACKINGS, LinearForm, apply_form, can_pack, pack_weight
 from early_exit.kernels.multi_position import FewPositionLinears, linear_for_rows
-from early_exit.kernels.tuning import ROW_BUCKETS, choice_for, cpu_name, tune_forms
+from early_exit.kernels.tuning import ROW_BUCKETS, choice_for, tune_forms
 
 from ..parser import positive_int
+from .machine import describe_machine
 
 #: How the report names the command when `main` is given no `prog` (the script that runs this module).
 SCRIPT = "python examples/benchmark_kernels.py"
@@ -455,14 +455,6 @@ def form_label(form: LinearForm | str) -> str:
     return form.value if isinstance(form, LinearForm) else form
 
 
-def machine() -> str:
-    """CPU model, cores and library versions, for the report."""
-    return (
-        f"{cpu_name()} ({os.cpu_count()} cores), {torch.get_num_threads()} threads; torch {torch.__version__}, "
-        f"oneDNN {'available' if torch.backends.mkldnn.is_available() else 'unavailable'}"
-    )
-
-
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The benchmark's options (`early-exit bench kernels` parses with it too)."""
     parser = argparse.ArgumentParser(
@@ -524,7 +516,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     report = [
         "# Few-position passes through the decoder",
         "",
-        f"Default model (SmolLM2-135M-Instruct), {machine()}. KV cache of {args.context} positions, "
+        f"Default model (SmolLM2-135M-Instruct), {describe_machine()}. KV cache of {args.context} positions, "
         f"{args.repeats} interleaved rounds. Streaming read bandwidth, best of the rounds: "
         f"{max(bandwidth) / 1e9:.1f} GB/s (median {statistics.median(bandwidth) / 1e9:.1f}).",
         "",

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -38,7 +37,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-import transformers  # noqa: E402
 
 from early_exit import EarlyExitForCausalLM, ExitDecodingConfig  # noqa: E402
 from early_exit.calibration import DEFAULT_LEVELS  # noqa: E402
@@ -50,6 +48,7 @@ from early_exit.reporting import benchmark_page  # noqa: E402
 from ..parser import add_placement_arguments, non_negative_int, positive_int  # noqa: E402
 from ..placement import SHIPPED_HEADS, model_placement  # noqa: E402
 from .generate import encode, timed  # noqa: E402
+from .machine import describe_machine  # noqa: E402
 
 #: How the report names the command when `main` is given no `prog` (the script that runs this module).
 SCRIPT = "python examples/benchmark_speculative.py"
@@ -431,8 +430,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     name = model.config.base_model_name_or_path
     best = [rows[0]] + [row for method in (ASSISTED, LOOKUP, FIXED, DSSD) if (row := fastest(rows, method))]
     lines = [
-        f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"transformers {transformers.__version__}.",
+        f"Machine: {describe_machine()}.",
         "",
         f"Plain `base.generate`: {base_speed:.2f} tokens/s (greedy, batch 1, {len(batches)} eval prompts, exactly "
         f"{tokens} new tokens each, after one untimed warm-up). Ratios are against it, measured in the same run.",
