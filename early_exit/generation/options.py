@@ -25,9 +25,9 @@ from ..pruning import VocabPruningConfig
 KV_STRATEGIES = ("deferred", "propagate")
 
 #: The matmul forms decoding runs its linear layers with (`early_exit.kernels.FewPositionLinears`):
-#: "packed": the fastest measured form per row count, with a packed copy of each weight that pays (as much memory
-#: again as those weights, made once per model); "unpacked": the fastest forms that need no copy; "stock": `F.linear`,
-#: as the base model runs.
+#: "packed": the form timed fastest on this machine per weight shape and row count (`early_exit.kernels.tuning`), with a
+#: packed copy of each weight whose fastest forms need one (as much memory again as those weights, made once per
+#: model); "unpacked": the fastest forms that need no copy; "stock": `F.linear`, as the base model runs.
 KERNELS = ("packed", "unpacked", "stock")
 
 #: The options that choose where tokens may leave; at most one is given.
