@@ -147,6 +147,17 @@ def test_linear_stays_unless_clearly_beaten(fresh_forms, monkeypatch, winner_tim
     assert {choice_for(weight).form(rows, packed=False) for rows in (1, 2, 4, 100)} == {LinearForm.STOCK}
 
 
+def test_a_row_count_takes_the_form_of_the_first_bucket_that_holds_it():
+    forms = list(LinearForm)
+    by_bucket = tuple(forms[index % len(forms)] for index in range(1, len(ROW_BUCKETS) + 1))
+    choice = FormChoice(by_bucket, tuple(reversed(by_bucket)))
+    for rows in range(1, 300):
+        bucket = next((index for index, size in enumerate(ROW_BUCKETS) if rows <= size), len(ROW_BUCKETS) - 1)
+        assert choice.form(rows, packed=True) is by_bucket[bucket]
+        assert choice.form(rows, packed=False) is by_bucket[len(ROW_BUCKETS) - 1 - bucket]
+    assert choice.form(0, packed=True) is LinearForm.STOCK
+
+
 def test_a_weight_gets_one_packed_copy_the_one_that_saves_most():
     """oneDNN's packing wins one row by far, MKL's every row count by less: MKL's saves more over the buckets."""
     times = {(bucket, form): 2.0 for bucket in ROW_BUCKETS for form in tuning._candidates(bucket, list(PACKINGS))}
@@ -272,12 +283,13 @@ def test_other_threads_run_the_stock_forward(fresh_forms, monkeypatch):
     x = torch.randn(3, 8)
     expected = model(x)
     calls = []
+    in_form = multi_position._linear_in
 
     def counting(*args):
         calls.append(threading.get_ident())
-        return linear_for_rows(*args)
+        return in_form(*args)
 
-    monkeypatch.setattr(multi_position, "linear_for_rows", counting)
+    monkeypatch.setattr(multi_position, "_linear_in", counting)
     outside: list[torch.Tensor] = []
     with FewPositionLinears(model):
         model(x)

@@ -29,7 +29,8 @@ class LinearForm(str, Enum):
     #: ~20 us a call, so it tends to lose on small matrices. Float32 and bfloat16.
     ONEDNN_PACKED = "onednn_packed"
     #: MKL's product with a copy of the weight packed by MKL (`pack_weight`): on a Sapphire Rapids Xeon, 4 rows
-    #: through SmolLM2-135M's decoder linears in 21 ms against `F.linear`'s 26.5 (one row: 16.5). Float32 only.
+    #: through matrices of SmolLM2-135M's decoder shapes in 20.3 ms against `F.linear`'s 23.8 (one row: 16.5 and
+    #: 15.2; docs/kernels-smollm2-135m-xeon.md). Float32 only.
     MKL_PACKED = "mkl_packed"
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from .forms import LinearForm, apply_form, is_plain_matrix, pack_weight
 from .scope import ThreadScope
-from .tuning import ROW_BUCKETS, FormChoice, choice_for, tune_forms
+from .tuning import FormChoice, choice_for, tune_forms
 
 
 def linear_for_rows(
@@ -46,16 +46,24 @@ def linear_for_rows(
         A contiguous `(..., out_features)` tensor, equal to `F.linear`'s up to float rounding. Products that need
         gradients, run under autocast, or mix dtypes or devices go to `F.linear` itself.
     """
+    in_features = x.shape[-1]
+    rows = x.numel() // in_features if in_features else 0
+    return _linear_in((choice or choice_for(weight)).form(rows, packed is not None), x, weight, bias, packed)
+
+
+def _linear_in(
+    form: LinearForm, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor | None
+) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` in `form`, or through `F.linear` itself where the forms do not apply (see
+    `linear_for_rows`)."""
     if (
-        x.dtype != weight.dtype
+        form is LinearForm.STOCK
+        or x.dtype != weight.dtype
         or x.device != weight.device
         or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         or torch.is_autocast_enabled(x.device.type)
     ):
         return F.linear(x, weight, bias)
-    in_features = x.shape[-1]
-    rows = x.numel() // in_features if in_features else 0
-    form = (choice or choice_for(weight)).form(rows, packed is not None)
     return apply_form(form, x, weight, bias, packed)
 
 
@@ -75,10 +83,6 @@ class _Linear:
     choice: FormChoice | None = None
     packed: torch.Tensor | None = None
     made_for: tuple[int, int, int] | None = None
-    #: The form for 0-128 rows (more: the last), with the packed copy if there is one: `F.linear` calls skip the rest
-    #: of `linear_for_rows` (a few microseconds a call, 1-2% of a one-position pass of SmolLM2-135M).
-    by_rows: tuple[LinearForm, ...] = ()
-    stock_only: bool = False  # every row count runs `F.linear`: the module need not be patched
 
 
 class FewPositionLinears(ThreadScope):
@@ -156,16 +160,14 @@ class FewPositionLinears(ThreadScope):
                 packing = linear.choice.packing
                 linear.packed = pack_weight(weight, packing) if self._prepack and packing else None
                 linear.made_for = state
-                packed = linear.packed is not None
-                linear.by_rows = tuple(linear.choice.form(rows, packed) for rows in range(ROW_BUCKETS[-1] + 1))
-                linear.stock_only = all(form is LinearForm.STOCK for form in linear.by_rows)
 
     # The instance attribute goes straight into `__dict__`: `nn.Module.__setattr__` would only check that
     # `forward` is no parameter, buffer or submodule, at several microseconds a module.
     def _patch(self) -> None:
         for linear in self._linears:
             attributes = vars(linear.module)
-            if "forward" not in attributes and not linear.stock_only:
+            # A module whose every row count runs `F.linear` gains nothing from the patch but its cost.
+            if "forward" not in attributes and not linear.choice.only_stock(linear.packed is not None):
                 attributes["forward"] = linear.forward
                 self._patched.append(linear)
 
@@ -176,17 +178,20 @@ class FewPositionLinears(ThreadScope):
 
     def _forward_for(self, linear: _Linear) -> Callable[[torch.Tensor], torch.Tensor]:
         module = linear.module
-        last = ROW_BUCKETS[-1]
 
+        # `linear_for_rows` inlined up to the form: most calls of a one-position pass run `F.linear`, and a call more
+        # costs microseconds, 1-2% of SmolLM2-135M's pass.
         def forward(input: torch.Tensor) -> torch.Tensor:
             weight = module.weight
             if getattr(self._thread, "depth", 0) and module.in_features:
-                rows = input.numel() // module.in_features
-                if linear.by_rows[min(rows, last)] is not LinearForm.STOCK:
-                    packed = linear.packed
+                packed = linear.packed
+                form = linear.choice.form(input.numel() // module.in_features, packed is not None)
+                if form is not LinearForm.STOCK:
                     if packed is not None and linear.made_for != _weight_state(weight):
-                        packed = None  # the weight changed inside the block: the next block entry re-packs it
-                    return linear_for_rows(input, weight, module.bias, packed, linear.choice)
+                        # The weight changed inside the block: the next block entry re-packs it.
+                        packed = None
+                        form = linear.choice.form(input.numel() // module.in_features, False)
+                    return _linear_in(form, input, weight, module.bias, packed)
             return F.linear(input, weight, module.bias)
 
         return forward

@@ -35,7 +35,6 @@ logger = logging.get_logger(__name__)
 #: The row counts timed; a product of `rows` rows takes the choice of the first bucket at least `rows` (above the
 #: last, the last's). Decoding runs 1-16 rows a pass; 128 stands for prompts.
 ROW_BUCKETS = (1, 2, 3, 4, 8, 16, 128)
-_BUCKET_OF = [0] + [next(i for i, bucket in enumerate(ROW_BUCKETS) if rows <= bucket) for rows in range(1, 129)]
 
 #: Timed rounds (after one that warms up: oneDNN generates its kernels on first use).
 ROUNDS = 3
@@ -57,12 +56,23 @@ class FormChoice:
     packed: tuple[LinearForm, ...]
     unpacked: tuple[LinearForm, ...]
 
+    def __post_init__(self) -> None:
+        # The form of every row count up to the last bucket, looked up per product in the decoding loop.
+        for name in ("packed", "unpacked"):
+            by_bucket = getattr(self, name)
+            by_rows = [LinearForm.STOCK]  # no rows
+            for bucket, form in zip(ROW_BUCKETS, by_bucket):
+                by_rows += [form] * (bucket + 1 - len(by_rows))
+            object.__setattr__(self, f"_{name}_by_rows", tuple(by_rows))
+
     def form(self, rows: int, packed: bool) -> LinearForm:
         """The form for a product of `rows` rows (`packed`: whether a packed weight is at hand)."""
-        if rows < 1:
-            return LinearForm.STOCK
-        bucket = _BUCKET_OF[rows] if rows <= ROW_BUCKETS[-1] else len(ROW_BUCKETS) - 1
-        return (self.packed if packed else self.unpacked)[bucket]
+        by_rows = self._packed_by_rows if packed else self._unpacked_by_rows
+        return by_rows[min(rows, ROW_BUCKETS[-1])]
+
+    def only_stock(self, packed: bool) -> bool:
+        """Whether every row count runs `F.linear` (`packed`: whether a packed weight is at hand)."""
+        return all(form is LinearForm.STOCK for form in (self.packed if packed else self.unpacked))
 
     @property
     def packing(self) -> LinearForm | None:
@@ -100,7 +110,8 @@ def tune_forms(weights: Iterable[torch.Tensor], rounds: int = ROUNDS) -> None:
         missing = [key for key in groups if key not in _CHOICES]
         if not missing:
             return
-        saved = _read_forms_file()
+        machines = _saved_machines()
+        saved = _machine_choices(machines)
         untimed = [key for key in missing if _entry_name(key) not in saved]
         for key in missing:
             if key not in untimed:
@@ -115,7 +126,7 @@ def tune_forms(weights: Iterable[torch.Tensor], rounds: int = ROUNDS) -> None:
         for key in untimed:
             group = list(groups[key].values())
             _CHOICES[key] = saved[_entry_name(key)] = _pick(_time_forms(group, rounds))
-        _write_forms_file(saved)
+        _write_forms_file(machines, saved)
 
 
 def _candidates(bucket: int, packings: list[LinearForm]) -> list[LinearForm]:
@@ -215,12 +226,12 @@ def _saved_machines() -> dict:
     return {}
 
 
-def _read_forms_file() -> dict[str, FormChoice]:
-    """This machine's saved choices by `_entry_name`."""
+def _machine_choices(machines: dict) -> dict[str, FormChoice]:
+    """This machine's choices among the forms file's `machines`, by `_entry_name`."""
     try:
         return {
             name: FormChoice(tuple(map(LinearForm, entry["packed"])), tuple(map(LinearForm, entry["unpacked"])))
-            for name, entry in _saved_machines().get(machine_signature(), {}).items()
+            for name, entry in machines.get(machine_signature(), {}).items()
             if len(entry["packed"]) == len(entry["unpacked"]) == len(ROW_BUCKETS)
         }
     except (ValueError, KeyError, TypeError) as error:
@@ -228,10 +239,11 @@ def _read_forms_file() -> dict[str, FormChoice]:
         return {}
 
 
-def _write_forms_file(choices: dict[str, FormChoice]) -> None:
-    """Save this machine's choices beside other machines' entries, atomically (a temporary file renamed over it)."""
+def _write_forms_file(machines: dict, choices: dict[str, FormChoice]) -> None:
+    """Save this machine's `choices` beside the other `machines`' entries read from the file, atomically (a temporary
+    file renamed over it)."""
     path = forms_file()
-    machines = _saved_machines()
+    machines = dict(machines)
     machines[machine_signature()] = {
         name: {"packed": [form.value for form in choice.packed], "unpacked": [form.value for form in choice.unpacked]}
         for name, choice in sorted(choices.items())

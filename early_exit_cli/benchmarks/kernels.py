@@ -74,13 +74,19 @@ class Model:
     continuation: torch.Tensor
     scopes: dict[str, list[FewPositionLinears | FewPositionAttention]]  # by variant
 
+    def linears(self) -> Iterator[tuple[str, nn.Linear]]:
+        """The decoder layers' linears with their names inside their layer (e.g. `self_attn.q_proj`)."""
+        for layer in self.adapter.layers:
+            for module_name, module in layer.named_modules():
+                if isinstance(module, nn.Linear):
+                    yield module_name, module
+
     def linear_bytes(self, name: str | None = None) -> int:
         """Bytes of the weights of the decoder linears called `name` (all of them by default), over all layers."""
         return sum(
             module.weight.numel() * module.weight.element_size()
-            for layer in self.adapter.layers
-            for module_name, module in layer.named_modules()
-            if isinstance(module, nn.Linear) and (name is None or module_name.endswith(name))
+            for module_name, module in self.linears()
+            if name is None or module_name.endswith(name)
         )
 
     def pass_bytes(self, rows: int) -> int:
@@ -333,10 +339,8 @@ def forms_table(models: list[Model]) -> list[str]:
     ]
     for model in models:
         weights = {tuple(model.adapter.lm_head.weight.shape): model.adapter.lm_head.weight}
-        for layer in model.adapter.layers:
-            for module in layer.modules():
-                if isinstance(module, nn.Linear):
-                    weights.setdefault(tuple(module.weight.shape), module.weight)
+        for _, module in model.linears():
+            weights.setdefault(tuple(module.weight.shape), module.weight)
         for (out_features, in_features), weight in sorted(weights.items()):
             choice = choice_for(weight)
             for packed in (True, False):
@@ -359,10 +363,8 @@ def sweep_table(
     (as many of each as the model has) and of `extra_shapes` (enough for 64 MB each), so that they stream from
     memory; then ms for all the decoder's linears."""
     counts: dict[tuple[int, int], int] = defaultdict(int)
-    for layer in models[0].adapter.layers:
-        for module in layer.modules():
-            if isinstance(module, nn.Linear):
-                counts[tuple(module.weight.shape)] += 1
+    for _, module in models[0].linears():
+        counts[tuple(module.weight.shape)] += 1
     for out_features, in_features in extra_shapes:
         counts.setdefault((out_features, in_features), -(-64 * 2**20 // (4 * out_features * in_features)))
     weights = {
