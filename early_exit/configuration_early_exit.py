@@ -45,6 +45,9 @@ class EarlyExitConfig(PreTrainedConfig):
             `exit_layers` in the same order, to give exits heads of different types (e.g. attention only at the
             deep exits, where it pays).
         adapter_size: bottleneck width of the residual adapter; `None` means the base's hidden size.
+        attention_blocks: decoder blocks in each attention head, started as copies of the base's last
+            `attention_blocks` layers; `None` means one. More blocks agree more (on SmolLM2-135M at half depth, same
+            recipe: 41% with one, 46% with three) and cost a base layer each per call.
         base_model_type, base_hidden_size, base_num_hidden_layers, base_vocab_size: the base model's shape, recorded
             when the heads are attached and checked when they are loaded again.
         base_adapter: subfolder of the heads folder holding a PEFT adapter (e.g. LoRA) of the base model, trained
@@ -68,6 +71,7 @@ class EarlyExitConfig(PreTrainedConfig):
     exit_layers: list[int | float] | None = None
     head_type: str | list[str] = "residual_adapter"
     adapter_size: int | None = None
+    attention_blocks: int | None = None
     base_model_type: str | None = None
     base_hidden_size: int | None = None
     base_num_hidden_layers: int | None = None
@@ -94,7 +98,13 @@ class EarlyExitConfig(PreTrainedConfig):
         _check_base_model(self.base_model_name_or_path)
         _check_exit_layers(self.exit_layers)
         _check_head_type(self.head_type, self.exit_layers)
-        for name in ("adapter_size", "base_hidden_size", "base_num_hidden_layers", "base_vocab_size"):
+        for name in (
+            "adapter_size",
+            "attention_blocks",
+            "base_hidden_size",
+            "base_num_hidden_layers",
+            "base_vocab_size",
+        ):
             _optional_positive_integer(name, getattr(self, name))
         _check_base_adapter(self.base_adapter)
         if self.training is not None and not isinstance(self.training, Mapping):

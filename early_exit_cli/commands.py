@@ -30,9 +30,10 @@ from .placement import SHIPPED_HEADS, model_placement
 
 
 def _new_heads(args: argparse.Namespace) -> dict[str, Any]:
-    """The `EarlyExitConfig` fields --head-type and --adapter-size set; those not given keep the library's default."""
+    """The `EarlyExitConfig` fields --head-type, --adapter-size and --attention-blocks set; those not given keep the
+    library's default."""
     head_type = args.head_type[0] if args.head_type and len(args.head_type) == 1 else args.head_type
-    fields = {"head_type": head_type, "adapter_size": args.adapter_size}
+    fields = {"head_type": head_type, "adapter_size": args.adapter_size, "attention_blocks": args.attention_blocks}
     return {name: value for name, value in fields.items() if value is not None}
 
 
@@ -46,6 +47,7 @@ def _load(args: argparse.Namespace) -> EarlyExitForCausalLM:
                 ("--exit-layers", args.exit_layers),
                 ("--head-type", args.head_type),
                 ("--adapter-size", args.adapter_size),
+                ("--attention-blocks", args.attention_blocks),
             )
             if value is not None
         ]
@@ -340,6 +342,7 @@ def report(args: argparse.Namespace) -> None:
         model = first if folder == args.heads[0] else EarlyExitForCausalLM.from_pretrained(folder, base_model=base)
         share = 100 * model.head_parameter_count() / base_parameters
         size = f" {model.config.adapter_size}" if model.config.adapter_size else ""
+        size += f" x{model.config.attention_blocks} blocks" if model.config.attention_blocks else ""
         kinds = "/".join(model.config.exits_by_head_type())
         label = f"{Path(folder).name} ({kinds}{size}, {share:.1f}% of base)"
         curves.append(AgreementCurve(label, held_out_agreement(model, dataset, bf16=args.bf16)))

@@ -87,6 +87,11 @@ def _add_model_arguments(parser: argparse.ArgumentParser, saved_heads: bool = Tr
         type=positive_int,
         help="bottleneck width of residual adapter heads (default: the base model's hidden size)",
     )
+    parser.add_argument(
+        "--attention-blocks",
+        type=positive_int,
+        help="decoder blocks in each attention head, copies of the base's last layers (default 1)",
+    )
 
 
 class _BenchmarkParser(argparse.ArgumentParser):

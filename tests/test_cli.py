@@ -36,6 +36,29 @@ def test_info_prints_every_exit_and_the_head_share(tmp_path, capsys):
     assert "heads in total  1,088 parameters" in printed
 
 
+def test_attention_blocks_set_the_size_of_new_attention_heads(tmp_path, capsys):
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+    sizes = []
+    for blocks in ("1", "3"):
+        main(
+            [
+                "info",
+                "--model",
+                str(tmp_path / "base"),
+                "--exit-layers",
+                "1",
+                "--head-type",
+                "attention",
+                "--attention-blocks",
+                blocks,
+            ]
+        )
+        sizes.append(
+            int(re.search(r"attention\s+([\d,]+)$", capsys.readouterr().out, re.MULTILINE)[1].replace(",", ""))
+        )
+    assert sizes[1] == 3 * sizes[0]
+
+
 def test_info_takes_a_head_type_per_exit_layer_in_their_order(tmp_path, capsys):
     tiny_model("llama").save_pretrained(tmp_path / "base")
     main(["info", "--model", str(tmp_path / "base"), "--exit-layers", "3", "1", "--head-type", "attention", "linear"])

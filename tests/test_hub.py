@@ -356,7 +356,7 @@ def test_the_model_card_names_each_head_type_and_its_exits():
     config = EarlyExitConfig(exit_layers=[1, 2, 3], head_type=["residual_adapter", "attention", "residual_adapter"])
     text = ModelCard(str(heads_model_card(config, 100, 10_000))).text
     assert "- Head type: `residual_adapter` after layers 1, 3 (" in text
-    assert "- Head type: `attention` after layer 2 (A decoder block of the head's own" in text
+    assert "- Head type: `attention` after layer 2 (Decoder blocks of the head's own" in text
     uniform = ModelCard(str(heads_model_card(EarlyExitConfig(exit_layers=[1, 3]), 100, 10_000))).text
     assert "- Head type: `residual_adapter` (" in uniform
 

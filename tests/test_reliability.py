@@ -391,6 +391,7 @@ HAND_EDITS = [
     ({"exit_layers": [0, 3]}, r"exit_layers\[0\]=0 is outside the model: layer numbers start at 1"),
     ({"adapter_size": 0}, "adapter_size must be a positive integer"),
     ({"adapter_size": "8"}, "adapter_size must be a positive integer"),
+    ({"attention_blocks": 0}, "attention_blocks must be a positive integer"),
     ({"head_type": ""}, "head_type must be a head type's name"),
     ({"head_type": ["attention", 3]}, "head_type must be a head type's name, or a list of names"),
     ({"head_type": ["attention"]}, "head_type lists 1 head types for 2 exit layers"),

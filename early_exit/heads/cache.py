@@ -24,24 +24,30 @@ if TYPE_CHECKING:
 
 
 def head_cache_slots(heads: Mapping[int, nn.Module], num_layers: int) -> dict[int, int]:
-    """The cache layer index of each `ContextHead`, by exit layer: after the base's own layers, in exit order.
+    """The first cache layer index of each `ContextHead`, by exit layer: after the base's own layers, in exit order,
+    each head taking one layer per entry of its `cache_layer_types`.
 
     The slots depend only on the model's heads (not on which exits a run scores), so a cache handed back by one
     call lines up with the next.
     """
-    attending = sorted(layer for layer, head in heads.items() if isinstance(head, ContextHead))
-    return {layer: num_layers + offset for offset, layer in enumerate(attending)}
+    slots, next_slot = {}, num_layers
+    for layer in sorted(heads):
+        if isinstance(heads[layer], ContextHead):
+            slots[layer] = next_slot
+            next_slot += len(heads[layer].cache_layer_types)
+    return slots
 
 
 def open_head_slots(
     cache: Cache, heads: Mapping[int, nn.Module], decoder: DecoderAdapter, in_use: Collection[int] | None = None
 ) -> dict[int, int]:
-    """Make sure `cache` has a slot for every head of the model that attends (see `head_cache_slots`), and that
-    the slot of each exit layer in `in_use` (default: all) holds as many positions as that layer; returns the slots.
+    """Make sure `cache` has the slots of every head of the model that attends (see `head_cache_slots`), and that
+    the slots of each exit layer in `in_use` (default: all) hold as many positions as that layer; returns the first
+    slot of each head.
 
-    A cache built for the base's config gets each slot in use as a layer of the kind it uses for the head's attention
-    pattern (sliding-window or full), and the others as plain layers (safe to crop while empty); a cache that grows
-    its layers on first use grows the slots the same way.
+    A cache built for the base's config gets each slot of a head in use as a layer of the kind it uses for that
+    attention pattern (sliding-window or full), and the others as plain layers (safe to crop while empty); a cache
+    that grows its layers on first use grows the slots the same way.
 
     Raises:
         InvalidOptionError: the cache already holds positions its heads never saw (it was filled by another model or
@@ -52,9 +58,10 @@ def open_head_slots(
     if getattr(cache, "layer_class_to_replicate", None) is None:
         empty = DynamicCache(config=decoder.config).layers
         kind = {decoder.layer_type(index): layer for index, layer in reversed(list(enumerate(empty)))}
-        for layer, slot in sorted(slots.items(), key=lambda item: item[1]):
-            if len(cache.layers) == slot:  # each slot its own layer object
-                cache.layers.append(copy.deepcopy(kind[heads[layer].layer_type]) if layer in in_use else DynamicLayer())
+        for layer, first in sorted(slots.items(), key=lambda item: item[1]):
+            for slot, layer_type in enumerate(heads[layer].cache_layer_types, start=first):
+                if len(cache.layers) == slot:  # each slot its own layer object
+                    cache.layers.append(copy.deepcopy(kind[layer_type]) if layer in in_use else DynamicLayer())
     for layer in in_use:
         held, expected = _seq_length(cache, slots[layer]), _seq_length(cache, layer - 1)
         if held != expected:
@@ -71,12 +78,17 @@ def _seq_length(cache: Cache, index: int) -> int:
 
 
 class SlotCache:
-    """Stands in for the model's cache while a head's block runs: the block's keys and values go to the head's slot
-    whatever layer index the block was copied with; everything else is the model's cache."""
+    """Stands in for the model's cache while a head's attention runs: its keys and values go to the head's slot
+    whatever layer index its block was copied with (`layer(i)`: to the head's i-th slot); everything else is the
+    model's cache."""
 
     def __init__(self, cache: Cache, slot: int) -> None:
         self._cache = cache
         self._slot = slot
+
+    def layer(self, index: int) -> SlotCache:
+        """The cache of the head's `index`-th attention layer (0: the first)."""
+        return SlotCache(self._cache, self._slot + index)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
@@ -95,8 +107,14 @@ def head_inputs(
     attention_mask: torch.Tensor | None,
     slot: int,
 ) -> LayerInputs:
-    """What `head.attend` needs for the positions of `hidden`, given the base layers' `inputs` for them: a mask sized
-    against the head's own slot (deeper base layers may hold fewer positions while a deferred fill is pending) and
-    the cache routed to that slot."""
-    mask = decoder.attention_mask(head.layer_type, hidden, attention_mask, inputs.position_ids, inputs.cache, slot)
-    return replace(inputs, attention_masks={head.layer_type: mask}, cache=SlotCache(inputs.cache, slot))
+    """What `head.attend` needs for the positions of `hidden`, given the base layers' `inputs` for them: a mask per
+    attention pattern of the head, sized against the head's first slot of that pattern (deeper base layers may hold
+    fewer positions while a deferred fill is pending), and the cache routed to the head's slots."""
+    first_of_type: dict[str, int] = {}
+    for index, layer_type in enumerate(head.cache_layer_types):
+        first_of_type.setdefault(layer_type, slot + index)
+    masks = {
+        layer_type: decoder.attention_mask(layer_type, hidden, attention_mask, inputs.position_ids, inputs.cache, first)
+        for layer_type, first in first_of_type.items()
+    }
+    return replace(inputs, attention_masks=masks, cache=SlotCache(inputs.cache, slot))

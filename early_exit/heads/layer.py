@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import nn
 
+from ..errors import InvalidOptionError
 from ..kernels import project_rows
 from ..registry import Registry
 
@@ -169,15 +171,25 @@ class ContextHead(ExitHead):
     (including prompt and deferred-fill positions that never stop there), so the head's cache holds what a full
     pass over the same tokens would give it, and `readout` on the position being scored.
 
+    A head keeps its keys and values in one cache layer, whose attention pattern is `layer_type`, or in several
+    (one per attention layer of its own, as `cache_layer_types` lists them).
+
     Attributes:
         layer_type: the attention pattern of the head's own attention ("full_attention" or "sliding_attention").
     """
 
     layer_type: str
 
+    @property
+    def cache_layer_types(self) -> tuple[str, ...]:
+        """The attention pattern of each cache layer the head writes, in order (by default one: `layer_type`).
+        `attend` reaches the i-th as `inputs.cache.layer(i)`, and `inputs.attention_masks` holds a mask for each
+        pattern listed."""
+        return (self.layer_type,)
+
     def attend(self, hidden: torch.Tensor, decoder: DecoderAdapter, inputs: LayerInputs) -> torch.Tensor:
         """The head's state at the positions of `hidden` (after its exit layer), given `inputs` for them (masks,
-        positions, and the cache the head's keys and values go to, or `None`)."""
+        positions, and the cache the head's keys and values go to, a `SlotCache`, or `None`)."""
         raise NotImplementedError
 
     def propagate(self, hidden: torch.Tensor, decoder: DecoderAdapter, inputs: LayerInputs) -> None:
@@ -206,31 +218,56 @@ class ContextHead(ExitHead):
 
 @register_head_type("attention")
 class AttentionHead(ContextHead):
-    """A decoder block of the head's own after the exit layer (self-attention over the context, then an MLP), then the
-    base's final norm and LM head: the shape of Kangaroo's and EAGLE's drafters.
+    """Decoder blocks of the head's own after the exit layer (self-attention over the context, then an MLP), then the
+    base's final norm and LM head: the shape of Kangaroo's and EAGLE's drafters (one block, by default).
 
-    The block starts as a copy of the base's last layer, which trains to closer agreement than a copy of the layer
-    right after the exit (on SmolLM2-135M at layer 15 of 30, same data and steps: 41.1% against 39.6% top-1, KL 2.04
-    against 2.60; see docs/training.md). The copy belongs to the head: the base is untouched.
+    The blocks start as copies of the base's last layers (`EarlyExitConfig.attention_blocks` of them), so an untrained
+    head runs the end of the stack on the exit's state. One copy of the last layer trains to closer agreement than a
+    copy of the layer right after the exit (on SmolLM2-135M at layer 15 of 30, same data and steps: 41.1% against
+    39.6% top-1, KL 2.04 against 2.60), and three blocks to closer still (46.1%); see docs/training.md. The copies
+    belong to the head: the base is untouched.
     """
 
-    def __init__(self, block: nn.Module, layer_type: str) -> None:
+    def __init__(self, blocks: list[nn.Module], layer_types: list[str]) -> None:
         super().__init__()
-        self.block = block
-        self.layer_type = layer_type
+        self.blocks = nn.ModuleList(blocks)
+        self.layer_types = tuple(layer_types)
+        self.layer_type = self.layer_types[-1]
 
     @classmethod
     def build(cls, decoder: DecoderAdapter, config: EarlyExitConfig, layer: int) -> AttentionHead:
-        last = decoder.num_layers - 1
-        return cls(copy.deepcopy(decoder.layers[last]).requires_grad_(True), decoder.layer_type(last))
+        count = config.attention_blocks or 1
+        if count > decoder.num_layers:
+            raise InvalidOptionError(
+                f"attention_blocks={count} asks for copies of more layers than the base model has "
+                f"({decoder.num_layers}); use at most {decoder.num_layers}."
+            )
+        copied = range(decoder.num_layers - count, decoder.num_layers)
+        return cls(
+            [copy.deepcopy(decoder.layers[index]).requires_grad_(True) for index in copied],
+            [decoder.layer_type(index) for index in copied],
+        )
+
+    @property
+    def cache_layer_types(self) -> tuple[str, ...]:
+        return self.layer_types
 
     def attend(self, hidden: torch.Tensor, decoder: DecoderAdapter, inputs: LayerInputs) -> torch.Tensor:
-        return decoder.run_block(self.block, self.layer_type, hidden, inputs)
+        for index, (block, layer_type) in enumerate(zip(self.blocks, self.layer_types)):
+            hidden = decoder.run_block(block, layer_type, hidden, _block_inputs(inputs, index))
+        return hidden
 
     def propagate(self, hidden: torch.Tensor, decoder: DecoderAdapter, inputs: LayerInputs) -> None:
-        decoder.propagate_block_kv(self.block, self.layer_type, hidden, inputs)
+        # As for the base's skipped layers (CALM), every block's keys and values come from the exited state.
+        for index, (block, layer_type) in enumerate(zip(self.blocks, self.layer_types)):
+            decoder.propagate_block_kv(block, layer_type, hidden, _block_inputs(inputs, index))
 
     def readout(
         self, state: torch.Tensor, decoder: DecoderAdapter, token_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
         return decoder.final_logits(state, token_ids)
+
+
+def _block_inputs(inputs: LayerInputs, index: int) -> LayerInputs:
+    """`inputs` for a head's `index`-th attention layer: the cache routed to that layer's slot."""
+    return inputs if inputs.cache is None else replace(inputs, cache=inputs.cache.layer(index))
