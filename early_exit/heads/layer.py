@@ -175,7 +175,8 @@ class ContextHead(ExitHead):
     (one per attention layer of its own, as `cache_layer_types` lists them).
 
     Attributes:
-        layer_type: the attention pattern of the head's own attention ("full_attention" or "sliding_attention").
+        layer_type: the attention pattern of the head's own attention ("full_attention" or "sliding_attention"), for a
+            head with one cache layer; a head with several overrides `cache_layer_types` instead.
     """
 
     layer_type: str
@@ -232,7 +233,6 @@ class AttentionHead(ContextHead):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.layer_types = tuple(layer_types)
-        self.layer_type = self.layer_types[-1]
 
     @classmethod
     def build(cls, decoder: DecoderAdapter, config: EarlyExitConfig, layer: int) -> AttentionHead:
