@@ -95,7 +95,11 @@ def _head_types(config: EarlyExitConfig) -> list[str]:
         where = (
             f" after layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}" if len(grouped) > 1 else ""
         )
-        lines.append(f"- Head type: `{name}`{where}" + (f" ({described})" if described else ""))
+        settings = getattr(head_class, "size_settings", ())
+        # A setting left at None takes the default that the head's docstring states.
+        sizes = [f"`{key}={getattr(config, key)}`" for key in settings if getattr(config, key) is not None]
+        sized = f", {', '.join(sizes)}" if sizes else ""
+        lines.append(f"- Head type: `{name}`{where}{sized}" + (f" ({described})" if described else ""))
     return lines
 
 

@@ -210,11 +210,11 @@ def train(args: argparse.Namespace) -> None:
     model = add_exit_heads(base, args.exit_layers, **_new_heads(args))
     corpus = {
         split: distillation_corpus(
-            base, tokenizer, split, tokens, args.block_size, args.generation_tokens, files=files or ()
+            base, tokenizer, split, tokens, args.block_size, args.generation_tokens, files=files or (), **packages
         )
-        for split, tokens, files in (
-            ("train", args.train_tokens, args.train_files),
-            ("eval", args.eval_tokens, args.eval_files),
+        for split, tokens, files, packages in (
+            ("train", args.train_tokens, args.train_files, {"installed_packages": args.installed_packages}),
+            ("eval", args.eval_tokens, args.eval_files, {}),
         )
     }
     for split, blocks in corpus.items():
@@ -282,7 +282,9 @@ def train(args: argparse.Namespace) -> None:
         "data": (
             ", ".join(map(str, args.train_files))
             if args.train_files
-            else "Python standard library docstrings and source, and the model's own answers to the project's prompts"
+            else "Python standard library "
+            + ("and installed packages' " if args.installed_packages else "")
+            + "docstrings and source, and the model's own answers to the project's prompts"
         ),
         "train tokens": corpus["train"].num_tokens,
         "epochs": args.epochs,

@@ -147,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output", type=Path, required=True, help="heads folder to write")
     train.add_argument("--train-files", nargs="+", type=Path, help="your own training text (default: built in)")
     train.add_argument("--eval-files", nargs="+", type=Path, help="your own held-out text (default: built in)")
+    train.add_argument(
+        "--installed-packages",
+        action="store_true",
+        help="train on the installed packages' docstrings and source too, not the standard library's alone (the "
+        "held-out text stays the standard library's, so runs compare)",
+    )
     train.add_argument("--train-tokens", type=positive_int, default=60_000, help="training tokens (default 60000)")
     train.add_argument("--eval-tokens", type=positive_int, default=8_000, help="held-out tokens (default 8000)")
     train.add_argument(

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from tiny_models import STORIES260K
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from early_exit.data import load_prompts
+from early_exit.data import corpus, load_prompts
 from early_exit.data.corpus import (
     SPLIT_SHARES,
     SPLITS,
@@ -111,3 +111,33 @@ def test_generations_continue_the_prompts_and_leave_the_tokenizer_as_it_was():
     with torch.no_grad():
         expected = model.generate(torch.tensor([prompt_ids]), max_new_tokens=3, do_sample=False)[0].tolist()
     assert greedy == expected
+
+
+def test_source_fills_the_budget_the_docstrings_cannot(monkeypatch):
+    """The standard library's training split runs out of docstrings at about 0.4M tokens: the rest of a larger
+    budget is source code, so a run gets the tokens it asked for."""
+    tokenizer = AutoTokenizer.from_pretrained(STORIES260K)
+    library = {"docstrings": ["Once upon a time there was a cat."] * 2, "source": ["def cat():\n    return 1\n"] * 500}
+    monkeypatch.setattr(corpus, "python_library_texts", lambda split, kind, installed_packages: iter(library[kind]))
+    docstring_tokens = 2 * len(tokenizer(library["docstrings"][0], add_special_tokens=False)["input_ids"])
+    for budget in (docstring_tokens + 1, 300, 1000):
+        blocks = corpus.distillation_corpus(None, tokenizer, "train", budget, block_size=64, generation_tokens=0)
+        text_tokens = sum(token != tokenizer.eos_token_id for block in blocks.blocks for token in block)
+        assert budget - 1 <= text_tokens <= budget  # packing drops at most a lone last token
+
+
+def test_installed_packages_add_modules_and_no_docstring_twice(tmp_path, monkeypatch):
+    standard, everything = corpus._library_modules(False), corpus._library_modules(True)
+    assert set(standard) < set(everything)
+    assert len({root for root, _ in everything}) > len({root for root, _ in standard})
+    assert not any("/tests/" in name or name.startswith(("test/", "tests/")) for _, name in everything)
+
+    copied = '"""A docstring that a library copies into every module that needs the same function."""'
+    names = [name for name in (f"module_{index}.py" for index in range(40)) if split_of(name) == "train"][:2]
+    for index, name in enumerate(names):
+        own = f'"""Module {index}: a docstring of its own, long enough to be kept as text."""'
+        (tmp_path / name).write_text(f"{own}\n\ndef shared():\n    {copied}\n", encoding="utf-8")
+    monkeypatch.setattr(corpus, "_library_modules", lambda installed_packages: [(tmp_path, name) for name in names])
+    first, second = python_library_texts("train", "docstrings", installed_packages=True)
+    assert first.startswith("Module 0") and copied.strip('"') in first
+    assert second.startswith("Module 1") and copied.strip('"') not in second

@@ -353,12 +353,19 @@ def test_the_model_card_says_which_levels_were_calibrated_on_the_heads_own_gener
 
 
 def test_the_model_card_names_each_head_type_and_its_exits():
-    config = EarlyExitConfig(exit_layers=[1, 2, 3], head_type=["residual_adapter", "attention", "residual_adapter"])
+    config = EarlyExitConfig(
+        exit_layers=[1, 2, 3],
+        head_type=["residual_adapter", "attention", "residual_adapter"],
+        adapter_size=16,
+        attention_blocks=2,
+    )
     text = ModelCard(str(heads_model_card(config, 100, 10_000))).text
-    assert "- Head type: `residual_adapter` after layers 1, 3 (" in text
-    assert "- Head type: `attention` after layer 2 (Decoder blocks of the head's own" in text
-    uniform = ModelCard(str(heads_model_card(EarlyExitConfig(exit_layers=[1, 3]), 100, 10_000))).text
-    assert "- Head type: `residual_adapter` (" in uniform
+    assert "- Head type: `residual_adapter` after layers 1, 3, `adapter_size=16` (" in text
+    assert "- Head type: `attention` after layer 2, `attention_blocks=2` (Decoder blocks of the head's own" in text
+    uniform = ModelCard(str(heads_model_card(EarlyExitConfig(exit_layers=[1, 3], head_type="linear"), 100, 10))).text
+    assert "- Head type: `linear` (An independent LayerNorm" in uniform
+    default = ModelCard(str(heads_model_card(EarlyExitConfig(exit_layers=[2], head_type="attention"), 100, 10))).text
+    assert "- Head type: `attention` (Decoder blocks" in default  # one block, as the docstring says
 
 
 def test_the_saved_model_card_loads_with_huggingface_hub(tmp_path):

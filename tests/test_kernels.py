@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from contextlib import nullcontext
 
 import pytest
@@ -116,15 +115,17 @@ NON_STOCK = [form for form in LinearForm if form is not LinearForm.STOCK]
 
 @pytest.mark.parametrize("winner", NON_STOCK)
 def test_timing_picks_the_fastest_form(fresh_forms, monkeypatch, winner):
-    """Every form but `winner` is slowed down by 10 ms a call (oneDNN alone can take 1-5 ms for 128 rows of a tiny
-    matrix): `winner` is chosen wherever it may run (and packing only where a packed weight is at hand)."""
+    """The timer's clock sees every form but `winner` take 10 ms a call and `winner` 1 ms (a clock of its own, so a
+    busy machine cannot reorder them): `winner` is chosen wherever it may run (and packing only where a packed
+    weight is at hand)."""
+    clock = [0.0]
 
-    def slowed(form, *args):
-        if form is not winner:
-            time.sleep(0.01)
+    def timed(form, *args):
+        clock[0] += 0.001 if form is winner else 0.01
         return apply_form(form, *args)
 
-    monkeypatch.setattr(tuning, "apply_form", slowed)
+    monkeypatch.setattr(tuning, "apply_form", timed)
+    monkeypatch.setattr(tuning.time, "perf_counter", lambda: clock[0])
     weight = torch.randn(24, 16)
     tune_forms([weight], rounds=2)
     choice = choice_for(weight)

@@ -177,6 +177,26 @@ def test_the_cache_estimates_its_memory_before_it_starts(monkeypatch, capsys):
         HiddenStateCache.build(model, _blocks(0, 3, length=20))
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_cache_holds_the_same_states_whatever_its_batch_size(bf16):
+    """Caching runs several padded sequences per pass (and under autocast with bf16, as training does): the states
+    must be each sequence's own, as one pass over it alone gives them."""
+    model = early_exit.add_exit_heads(tiny_model("llama"), [1, 2])
+    blocks = TokenBlocks(_blocks(0, 3, length=20).blocks + _blocks(1, 1, length=7).blocks)
+    alone, together = (HiddenStateCache.build(model, blocks, batch_size=size, bf16=bf16) for size in (1, 3))
+    tolerance = dict(rtol=2e-2, atol=2e-2) if bf16 else {}
+    torch.testing.assert_close(together.exit_hidden_states, alone.exit_hidden_states, **tolerance)
+    torch.testing.assert_close(together.final_hidden_states, alone.final_hidden_states, **tolerance)
+    assert together.attention_mask[3].tolist() == [1] * 7 + [0] * 13
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        hiddens = model.decoder.model(torch.tensor(blocks.blocks[:3]), output_hidden_states=True).hidden_states
+    torch.testing.assert_close(alone.exit_hidden_states[:3, 0], hiddens[1].float(), **tolerance)
+    if bf16:  # the autocast pass, not a float32 one rounded afterwards
+        with torch.no_grad():
+            exact = model.decoder.model(torch.tensor(blocks.blocks[:3]), output_hidden_states=True).hidden_states
+        assert not torch.equal(alone.exit_hidden_states[:3, 1], exact[2])
+
+
 def _lora(base):
     return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
 

@@ -13,6 +13,7 @@ import os
 import sysconfig
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -44,26 +45,42 @@ def _check_split(split: str) -> None:
         raise ValueError(f"Unknown split {split!r}; use one of {SPLITS}.")
 
 
-def python_library_texts(split: str, kind: str = "docstrings") -> Iterator[str]:
+def _library_modules(installed_packages: bool) -> list[tuple[Path, str]]:
+    """(root, name) of every module of the standard library (tests left out), and of the installed packages if asked,
+    in an order fixed by hashing the names (not alphabetical), so any prefix is a mix of the whole library."""
+    paths = sysconfig.get_paths()
+    roots = [Path(paths["stdlib"])]
+    if installed_packages:
+        roots += sorted({Path(paths["purelib"]), Path(paths["platlib"])})
+    modules = []
+    for index, root in enumerate(roots):
+        for path in root.rglob("*.py"):
+            name = str(path.relative_to(root))
+            skipped = ("site-packages", "dist-packages", "test/", "idlelib/test") if index == 0 else ()
+            if not name.startswith(skipped) and "/tests/" not in name and not name.startswith("tests/"):
+                modules.append((root, name))
+    return sorted(modules, key=lambda module: hashlib.sha256(module[1].encode("utf-8")).hexdigest())
+
+
+def python_library_texts(split: str, kind: str = "docstrings", installed_packages: bool = False) -> Iterator[str]:
     """Text from the Python standard library of this interpreter, which every machine has.
 
     Args:
         split: which split's modules to read; modules are assigned to splits by their path.
         kind: "docstrings" (the prose of module, class and function docstrings, one text per module) or "source"
             (whole module files).
+        installed_packages: read the installed packages (site-packages) too, mixed with the standard library. They
+            hold several times its text, but what they hold depends on what is installed. A docstring met before
+            (libraries copy them between modules) is skipped.
 
     Yields texts in an order fixed by hashing (not alphabetical), so any prefix is a mix of the whole library.
     """
     _check_split(split)
     if kind not in ("docstrings", "source"):
         raise ValueError(f"kind must be 'docstrings' or 'source', got {kind!r}.")
-    root = Path(sysconfig.get_paths()["stdlib"])
-    names = sorted(
-        (str(path.relative_to(root)) for path in root.rglob("*.py")),
-        key=lambda name: hashlib.sha256(name.encode("utf-8")).hexdigest(),
-    )
-    for name in names:
-        if name.startswith(("site-packages", "dist-packages", "test/", "idlelib/test")) or split_of(name) != split:
+    seen: set[str] = set()
+    for root, name in _library_modules(installed_packages):
+        if split_of(name) != split:
             continue
         try:
             source = (root / name).read_text(encoding="utf-8")
@@ -78,6 +95,8 @@ def python_library_texts(split: str, kind: str = "docstrings") -> Iterator[str]:
             continue
         nodes = [tree, *(node for node in ast.walk(tree) if isinstance(node, ast.ClassDef | ast.FunctionDef))]
         docstrings = [doc for doc in (ast.get_docstring(node) for node in nodes) if doc and len(doc) > 40]
+        docstrings = [doc for doc in docstrings if doc not in seen]
+        seen.update(docstrings)
         if docstrings:
             yield "\n\n".join(docstrings)
 
@@ -217,12 +236,16 @@ def distillation_corpus(
     generation_tokens: int = 96,
     files: Iterable[str | os.PathLike] = (),
     source_share: float = 0.3,
+    installed_packages: bool = False,
 ) -> TokenBlocks:
     """The project's default mix of text for one split, packed into blocks.
 
     It holds the model's own generations for the split's prompts (so heads see what decoding feeds them; skipped
     when `generation_tokens` is 0), then users' `files` if given, else the Python library's docstrings and, for
-    `source_share` of the remaining budget, its source code, up to `max_tokens` tokens in all.
+    `source_share` of the remaining budget, its source code, up to `max_tokens` tokens in all. Source code fills
+    what the docstrings cannot (the standard library's training split holds about 0.4M tokens of docstrings and
+    3.3M of source, in SmolLM2's tokens); `installed_packages` reads the installed packages too (see
+    `python_library_texts`).
     """
     sequences = generate_sequences(model, tokenizer, split, generation_tokens) if generation_tokens else []
     remaining = max(0, max_tokens - sum(map(len, sequences)))
@@ -230,7 +253,8 @@ def distillation_corpus(
     if files:
         sequences += list(tokenize_texts(file_texts(files), tokenizer, remaining))
     else:
-        code_budget = int(remaining * source_share)
-        sequences += list(tokenize_texts(python_library_texts(split, "docstrings"), tokenizer, remaining - code_budget))
-        sequences += list(tokenize_texts(python_library_texts(split, "source"), tokenizer, code_budget))
+        library = partial(python_library_texts, split, installed_packages=installed_packages)
+        docstrings = list(tokenize_texts(library("docstrings"), tokenizer, remaining - int(remaining * source_share)))
+        sequences += docstrings
+        sequences += list(tokenize_texts(library("source"), tokenizer, remaining - sum(map(len, docstrings))))
     return TokenBlocks.pack(sequences, block_size, tokenizer.eos_token_id)

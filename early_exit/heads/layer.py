@@ -30,6 +30,9 @@ class ExitHead(nn.Module):
     Subclasses implement `build` (construct a head for a given base model, config and exit layer) and `forward`.
     """
 
+    #: The `EarlyExitConfig` fields that size this type of head (the model card names their values).
+    size_settings: tuple[str, ...] = ()
+
     @classmethod
     def build(cls, decoder: DecoderAdapter, config: EarlyExitConfig, layer: int) -> ExitHead:
         """A new head for the exit after `layer` of the base model behind `decoder`, configured by `config`."""
@@ -113,6 +116,8 @@ class ResidualAdapterHead(LogitLensHead):
     `up` starts at zero, so an untrained head is exactly the logit lens and training learns a correction. The
     adapter's own RMSNorm keeps the bottleneck's input on one scale whatever the depth of its layer.
     """
+
+    size_settings = ("adapter_size",)
 
     def __init__(self, hidden_size: int, adapter_size: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -228,6 +233,8 @@ class AttentionHead(ContextHead):
     39.6% top-1, KL 2.04 against 2.60), and three blocks to closer still (46.1%); see docs/training.md. The copies
     belong to the head: the base is untouched.
     """
+
+    size_settings = ("attention_blocks",)
 
     def __init__(self, blocks: list[nn.Module], layer_types: list[str]) -> None:
         super().__init__()

@@ -60,6 +60,7 @@ class HiddenStateCache(Dataset):
         dataset: Dataset,
         batch_size: int = 8,
         dtype: torch.dtype | None = None,
+        bf16: bool = False,
     ) -> HiddenStateCache:
         """Run `model`'s base over `dataset` once and keep the hidden states at its exits and last layer.
 
@@ -69,6 +70,8 @@ class HiddenStateCache(Dataset):
             dataset: items with `input_ids` and `attention_mask`, as `TokenBlocks` gives them.
             batch_size: sequences per backbone pass.
             dtype: dtype to store the states in (default: the model's); `torch.bfloat16` halves a float32 cache.
+            bf16: run the base under bfloat16 autocast, as training and evaluation with `bf16` run the heads: about
+                1.6x faster on CPUs with AVX512-BF16.
 
         Raises:
             InvalidOptionError: `dataset` is empty.
@@ -98,7 +101,9 @@ class HiddenStateCache(Dataset):
             torch.zeros(count, width, dtype=torch.long),
         )
         start = 0
-        for block in hidden_states_over_blocks(model, dataset, batch_size, description="caching hidden states"):
+        for block in hidden_states_over_blocks(
+            model, dataset, batch_size, bf16=bf16, description="caching hidden states"
+        ):
             rows, length = block.input_ids.shape
             cache.exit_hidden_states[start : start + rows, :, :length] = torch.stack(block.exit_states, dim=1).to(
                 "cpu", dtype

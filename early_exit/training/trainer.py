@@ -50,6 +50,10 @@ class EarlyExitTrainingArguments(TrainingArguments):
     cache_dtype: str | None = field(
         default=None, metadata={"help": "dtype of the hidden-state cache, e.g. 'bfloat16' (default: the model's)."}
     )
+    cache_batch_size: int = field(
+        default=8,
+        metadata={"help": "Sequences per backbone pass while caching: memory against speed; training is unchanged."},
+    )
     # Batches carry keys that the model's forward does not name (cached hidden states): keep them.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep all dataset columns."})
 
@@ -125,7 +129,7 @@ class EarlyExitTrainer(Trainer):
             dtype = getattr(torch, args.cache_dtype) if args.cache_dtype else None
 
             def cache(dataset: Dataset) -> HiddenStateCache:
-                return HiddenStateCache.build(model, dataset, args.per_device_eval_batch_size, dtype)
+                return HiddenStateCache.build(model, dataset, args.cache_batch_size, dtype, bf16=args.bf16)
 
             train_dataset = cache(train_dataset) if train_dataset is not None else None
             if isinstance(eval_dataset, dict):
