@@ -13,7 +13,7 @@ import os
 import sysconfig
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import torch
@@ -45,21 +45,23 @@ def _check_split(split: str) -> None:
         raise ValueError(f"Unknown split {split!r}; use one of {SPLITS}.")
 
 
-def _library_modules(installed_packages: bool) -> list[tuple[Path, str]]:
-    """(root, name) of every module of the standard library (tests left out), and of the installed packages if asked,
-    in an order fixed by hashing the names (not alphabetical), so any prefix is a mix of the whole library."""
+@cache
+def _library_modules(installed_packages: bool) -> tuple[tuple[Path, str], ...]:
+    """(root, name) of every module of the standard library, and of the installed packages if asked, tests left out,
+    in an order fixed by hashing the names (not alphabetical), so any prefix is a mix of the whole library. Walked
+    once per process: each split and kind reads the same list."""
     paths = sysconfig.get_paths()
     roots = [Path(paths["stdlib"])]
     if installed_packages:
         roots += sorted({Path(paths["purelib"]), Path(paths["platlib"])})
-    modules = []
-    for index, root in enumerate(roots):
-        for path in root.rglob("*.py"):
-            name = str(path.relative_to(root))
-            skipped = ("site-packages", "dist-packages", "test/", "idlelib/test") if index == 0 else ()
-            if not name.startswith(skipped) and "/tests/" not in name and not name.startswith("tests/"):
-                modules.append((root, name))
-    return sorted(modules, key=lambda module: hashlib.sha256(module[1].encode("utf-8")).hexdigest())
+    skipped = ("site-packages", "dist-packages", "test/", "tests/", "idlelib/test")
+    modules = [
+        (root, name)
+        for root in roots
+        for name in (str(path.relative_to(root)) for path in root.rglob("*.py"))
+        if not name.startswith(skipped) and "/tests/" not in name
+    ]
+    return tuple(sorted(modules, key=lambda module: hashlib.sha256(module[1].encode("utf-8")).hexdigest()))
 
 
 def python_library_texts(split: str, kind: str = "docstrings", installed_packages: bool = False) -> Iterator[str]:
