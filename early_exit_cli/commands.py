@@ -40,25 +40,30 @@ def _new_heads(args: argparse.Namespace) -> dict[str, Any]:
 def _load(args: argparse.Namespace) -> EarlyExitForCausalLM:
     placement = model_placement(args)
     if args.heads:
-        given = [
-            option
-            for option, value in (
-                ("--model", args.model),
-                ("--exit-layers", args.exit_layers),
-                ("--head-type", args.head_type),
-                ("--adapter-size", args.adapter_size),
-                ("--attention-blocks", args.attention_blocks),
-            )
-            if value is not None
-        ]
-        if given:
-            raise SystemExit(
-                f"early-exit {args.command}: {', '.join(given)} describe new heads, but --heads loads saved ones; "
-                "give one or the other."
-            )
-        return EarlyExitForCausalLM.from_pretrained(args.heads, **placement).eval()
+        return _saved_heads(args, **placement).eval()
     base = load_base_model(args.model or DEFAULT_MODEL_ID, **placement)
     return add_exit_heads(base, args.exit_layers, **_new_heads(args)).eval()
+
+
+def _saved_heads(args: argparse.Namespace, **placement: Any) -> EarlyExitForCausalLM:
+    """The heads --heads names, with their base; the options that describe new heads must not be given with it."""
+    given = [
+        option
+        for option, value in (
+            ("--model", args.model),
+            ("--exit-layers", args.exit_layers),
+            ("--head-type", args.head_type),
+            ("--adapter-size", args.adapter_size),
+            ("--attention-blocks", args.attention_blocks),
+        )
+        if value is not None
+    ]
+    if given:
+        raise SystemExit(
+            f"early-exit {args.command}: {', '.join(given)} describe new heads, but --heads loads saved ones; "
+            "give one or the other."
+        )
+    return EarlyExitForCausalLM.from_pretrained(args.heads, **placement)
 
 
 def _vocab_pruning(args: argparse.Namespace) -> VocabPruningConfig | None:
@@ -196,24 +201,42 @@ def train(args: argparse.Namespace) -> None:
 
     if args.resume and not args.checkpoint_dir:
         raise SystemExit("early-exit train: --resume continues from --checkpoint-dir; give --checkpoint-dir too.")
+    if args.heads and args.lora_rank:
+        raise SystemExit(
+            "early-exit train: --lora-rank tunes the base jointly with new heads, and --heads continues saved ones; "
+            "give one or the other."
+        )
     check_writable(args.output)  # now, not after the training
     torch.manual_seed(args.seed)
-    args.model = args.model or DEFAULT_MODEL_ID
-    base = load_base_model(args.model)
-    _check_block_size(base, args.block_size)
-    tokenizer = load_base_tokenizer(args.model)
-    if args.lora_rank:
-        from peft import LoraConfig, get_peft_model
+    if args.heads:
+        model = _saved_heads(args)
+        base = model.base
+        args.model = model.config.base_model_name_or_path
+        tokenizer = model.base_tokenizer()
+    else:
+        args.model = args.model or DEFAULT_MODEL_ID
+        base = load_base_model(args.model)
+        tokenizer = load_base_tokenizer(args.model)
+        if args.lora_rank:
+            from peft import LoraConfig, get_peft_model
 
-        targets = args.lora_targets or "all-linear"
-        base = get_peft_model(base, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=targets))
-    model = add_exit_heads(base, args.exit_layers, **_new_heads(args))
+            targets = args.lora_targets or "all-linear"
+            lora = LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=targets)
+            base = get_peft_model(base, lora)
+        model = add_exit_heads(base, args.exit_layers, **_new_heads(args))
+    _check_block_size(base, args.block_size)
+    earlier_training = model.config.training
     corpus = {
         split: distillation_corpus(
-            base, tokenizer, split, tokens, args.block_size, args.generation_tokens, files=files or (), **packages
+            base, tokenizer, split, tokens, args.block_size, args.generation_tokens, files=files or (), **options
         )
-        for split, tokens, files, packages in (
-            ("train", args.train_tokens, args.train_files, {"installed_packages": args.installed_packages}),
+        for split, tokens, files, options in (
+            (
+                "train",
+                args.train_tokens,
+                args.train_files,
+                {"installed_packages": args.installed_packages, "skip_tokens": args.skip_train_tokens},
+            ),
             ("eval", args.eval_tokens, args.eval_files, {}),
         )
     }
@@ -287,6 +310,7 @@ def train(args: argparse.Namespace) -> None:
             + "docstrings and source, and the model's own answers to the project's prompts"
         ),
         "train tokens": corpus["train"].num_tokens,
+        "train tokens left out (the text of a run that many tokens long)": args.skip_train_tokens or None,
         "epochs": args.epochs,
         "steps": result.global_step,
         "joint LoRA rank": args.lora_rank or None,
@@ -294,10 +318,12 @@ def train(args: argparse.Namespace) -> None:
         "held-out agreement by exit": {
             layer: round(after[f"eval_agreement_layer_{layer}"], 4) for layer in model.exit_layers
         },
-        "held-out agreement by exit before training (logit lens)": {
+        f"held-out agreement by exit before training ({'the saved heads' if args.heads else 'logit lens'})": {
             layer: round(before[f"eval_agreement_layer_{layer}"], 4) for layer in model.exit_layers
         },
     }
+    if args.heads:
+        model.config.training["continues"] = earlier_training or "heads whose training was not recorded"
     model.save_pretrained(args.output, tokenizer=tokenizer)
     print(f"heads written to {args.output}")
     if args.curve:

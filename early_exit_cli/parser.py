@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train exit heads on the model's own predictions")
     _add_model_arguments(train, saved_heads=False)
+    train.add_argument(
+        "--heads",
+        help="a heads folder or Hub repo to train further, instead of new heads (see --skip-train-tokens)",
+    )
     train.add_argument("--output", type=Path, required=True, help="heads folder to write")
     train.add_argument("--train-files", nargs="+", type=Path, help="your own training text (default: built in)")
     train.add_argument("--eval-files", nargs="+", type=Path, help="your own held-out text (default: built in)")
@@ -154,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
         "held-out text stays the standard library's, so runs compare)",
     )
     train.add_argument("--train-tokens", type=positive_int, default=60_000, help="training tokens (default 60000)")
+    train.add_argument(
+        "--skip-train-tokens",
+        type=non_negative_int,
+        default=0,
+        help="leave out the built-in text that --train-tokens N would give (with the other text options the same), "
+        "so --heads trained on it go on with text they have not seen (default 0)",
+    )
     train.add_argument("--eval-tokens", type=positive_int, default=8_000, help="held-out tokens (default 8000)")
     train.add_argument(
         "--block-size", type=positive_int, default=512, help="tokens per training sequence (default 512)"

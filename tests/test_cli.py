@@ -168,6 +168,37 @@ def test_train_writes_held_out_agreement_against_training_tokens(tmp_path, capsy
     assert [row[2] for row in rows[-1:]] + [row[3] for row in rows[-1:]] == after  # the last point is "after"
 
 
+def test_train_continues_saved_heads_on_text_they_have_not_seen(tmp_path, capsys):
+    first, second = tmp_path / "first", tmp_path / "second"
+    main([*TINY_TRAINING, "--output", str(first), "--generation-tokens", "0", "--epochs", "1"])
+    capsys.readouterr()
+    resumed = ["--train-tokens", "600", "--eval-tokens", "400", "--block-size", "64", "--generation-tokens", "0"]
+    main(["train", "--heads", str(first), "--output", str(second), "--skip-train-tokens", "1500", *resumed])
+    printed = capsys.readouterr().out
+    rows = re.findall(r"^\s+(\d)\s+([\d.]+)%\s+([\d.]+)%\s+([\d.]+)$", printed, flags=re.MULTILINE)
+    earlier = AutoModelForCausalLM.from_pretrained(first).config.training
+    # It starts where the saved heads ended (same held-out text), not from new heads.
+    assert {int(layer): float(before) / 100 for layer, before, _, _ in rows} == {
+        int(layer): pytest.approx(rate, abs=6e-4) for layer, rate in earlier["held-out agreement by exit"].items()
+    }
+    model = AutoModelForCausalLM.from_pretrained(second)
+    assert model.exit_layers == [2, 4]
+    assert model.config.training["continues"] == earlier
+    assert model.config.training["train tokens left out (the text of a run that many tokens long)"] == 1500
+    assert model.config.training["train tokens"] <= 600 + 600 // 64  # the new text, separators included
+    trained, saved = model.heads_by_layer()[2], AutoModelForCausalLM.from_pretrained(first).heads_by_layer()[2]
+    assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), saved.state_dict().values()))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [(["--exit-layers", "2"], "--exit-layers describe new heads"), (["--lora-rank", "2"], "--lora-rank tunes")],
+)
+def test_train_refuses_new_head_options_with_saved_heads(tmp_path, options, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["train", "--heads", str(tmp_path), "--output", str(tmp_path / "out"), *options])
+
+
 def test_train_tunes_lora_jointly_on_a_model_with_tied_embeddings(tmp_path, capsys):
     output = tmp_path / "heads"
     sizes = ["--train-tokens", "600", "--eval-tokens", "200", "--block-size", "64", "--generation-tokens", "0"]

@@ -141,3 +141,44 @@ def test_installed_packages_add_modules_and_no_docstring_twice(tmp_path, monkeyp
     first, second = python_library_texts("train", "docstrings", installed_packages=True)
     assert first.startswith("Module 0") and copied.strip('"') in first
     assert second.startswith("Module 1") and copied.strip('"') not in second
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    skip=st.integers(1, 400),
+    tokens=st.integers(8, 400),  # at least 2 new tokens: packing drops a lone one
+    docstrings=st.integers(0, 6),
+    use_files=st.booleans(),
+)
+def test_skipping_a_corpus_continues_it_with_unseen_text(tmp_path_factory, skip, tokens, docstrings, use_files):
+    """A corpus that skips the first `skip` tokens' corpus holds exactly what the `skip + tokens` corpus adds to it:
+    heads trained on the first go on with text they have not seen, in the same mix."""
+    tokenizer = AutoTokenizer.from_pretrained(STORIES260K)
+    words = "cat dog sun moon tree fish bird rain".split()
+    library = {
+        "docstrings": [f"Once upon a time the {word} was happy." for word in words[:docstrings]],
+        "source": [f"def {word}():\n    return '{word}'\n" for word in words * 20],
+    }
+    generations = [[5, 6, 7], [8, 9]]
+    files = ()
+    if use_files:
+        files = [tmp_path_factory.mktemp("text") / "story.txt"]
+        files[0].write_text(" ".join(words * 40), encoding="utf-8")
+
+    def text_tokens(skip_tokens: int, max_tokens: int) -> Counter:
+        blocks = corpus.distillation_corpus(
+            None, tokenizer, "train", max_tokens, 100_000, generation_tokens=2, files=files, skip_tokens=skip_tokens
+        )
+        return Counter(token for block in blocks.blocks for token in block if token != tokenizer.eos_token_id)
+
+    with pytest.MonkeyPatch.context() as patch:  # not the fixture: hypothesis runs this body many times
+        patch.setattr(corpus, "python_library_texts", lambda split, kind, installed_packages: iter(library[kind]))
+        patch.setattr(corpus, "generate_sequences", lambda *args: [list(sequence) for sequence in generations])
+        first, rest, whole = text_tokens(0, skip), text_tokens(skip, tokens), text_tokens(0, skip + tokens)
+    assert first + rest == whole  # nothing lost, nothing twice (the generations stay in the first)
+    assert rest.total() == whole.total() - first.total() <= tokens
+
+
+def test_skip_tokens_must_not_be_negative():
+    with pytest.raises(ValueError, match="skip_tokens"):
+        corpus.distillation_corpus(None, None, "train", 10, generation_tokens=0, skip_tokens=-1)

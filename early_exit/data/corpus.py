@@ -239,6 +239,7 @@ def distillation_corpus(
     files: Iterable[str | os.PathLike] = (),
     source_share: float = 0.3,
     installed_packages: bool = False,
+    skip_tokens: int = 0,
 ) -> TokenBlocks:
     """The project's default mix of text for one split, packed into blocks.
 
@@ -248,15 +249,41 @@ def distillation_corpus(
     what the docstrings cannot (the standard library's training split holds about 0.4M tokens of docstrings and
     3.3M of source, in SmolLM2's tokens); `installed_packages` reads the installed packages too (see
     `python_library_texts`).
+
+    `skip_tokens` leaves out the text that the corpus of `skip_tokens` tokens (the other arguments the same) holds,
+    so that heads trained on that one can go on with text they have not seen: the two together hold what the
+    corpus of `skip_tokens + max_tokens` tokens holds, with the same mix of docstrings and source.
     """
-    sequences = generate_sequences(model, tokenizer, split, generation_tokens) if generation_tokens else []
-    remaining = max(0, max_tokens - sum(map(len, sequences)))
+    if skip_tokens < 0:
+        raise ValueError(f"skip_tokens must be at least 0, got {skip_tokens}.")
+    generations = generate_sequences(model, tokenizer, split, generation_tokens) if generation_tokens else []
+    # The generations come first whatever the budget, so any earlier corpus held them all.
+    sequences = [] if skip_tokens else generations
+    skipped, remaining = (
+        max(0, budget - sum(map(len, generations))) for budget in (skip_tokens, skip_tokens + max_tokens)
+    )
     files = list(files)
     if files:
-        sequences += list(tokenize_texts(file_texts(files), tokenizer, remaining))
+        sequences += _drop_tokens(tokenize_texts(file_texts(files), tokenizer, remaining), skipped)
     else:
         library = partial(python_library_texts, split, installed_packages=installed_packages)
         docstrings = list(tokenize_texts(library("docstrings"), tokenizer, remaining - int(remaining * source_share)))
-        sequences += docstrings
-        sequences += list(tokenize_texts(library("source"), tokenizer, remaining - sum(map(len, docstrings))))
+        source = tokenize_texts(library("source"), tokenizer, remaining - sum(map(len, docstrings)))
+        # The earlier corpus's docstrings are a prefix of these (its budget for them was smaller); its source
+        # filled the rest of its budget.
+        skipped_docstrings = min(skipped - int(skipped * source_share), sum(map(len, docstrings)))
+        sequences += _drop_tokens(docstrings, skipped_docstrings)
+        sequences += _drop_tokens(source, skipped - skipped_docstrings)
     return TokenBlocks.pack(sequences, block_size, tokenizer.eos_token_id)
+
+
+def _drop_tokens(sequences: Iterable[list[int]], count: int) -> list[list[int]]:
+    """`sequences` without their first `count` tokens (a sequence cut in the middle keeps its tail)."""
+    kept = []
+    for sequence in sequences:
+        if count >= len(sequence):
+            count -= len(sequence)
+            continue
+        kept.append(sequence[count:])
+        count = 0
+    return kept
