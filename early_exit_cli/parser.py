@@ -49,6 +49,17 @@ def non_negative_int(text: str) -> int:
     return _whole_number(text, 0)
 
 
+def positive_float(text: str) -> float:
+    """An argparse type: a number above 0 (a rate, a temperature, a number of passes)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text!r}")
+    return value
+
+
 def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
     """`--device` and `--dtype`, for every command that loads a model (read by `placement.model_placement`)."""
     parser.add_argument("--device", help="where to run the model, e.g. cpu, cuda, cuda:1, mps (default: cpu)")
@@ -175,19 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=96,
         help="tokens the model generates per prompt (default 96; 0: no generations)",
     )
-    train.add_argument("--epochs", type=float, default=3.0, help="passes over the training text (default 3)")
+    train.add_argument("--epochs", type=positive_float, default=3.0, help="passes over the training text (default 3)")
     train.add_argument("--batch-size", type=positive_int, default=1, help="sequences per step (default 1)")
     train.add_argument(
         "--gradient-accumulation", type=positive_int, default=4, help="steps per optimizer update (default 4)"
     )
-    train.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    train.add_argument("--learning-rate", type=positive_float, default=1e-3, help="peak learning rate (default 1e-3)")
     train.add_argument("--warmup-steps", type=non_negative_int, default=10, help="linear warm-up steps (default 10)")
     train.add_argument(
         "--exit-weighting",
         default="uniform",
         help="per-exit loss weights: uniform (default), linear (in depth), or comma-separated numbers",
     )
-    train.add_argument("--temperature", type=float, default=1.0, help="distillation temperature (default 1)")
+    train.add_argument("--temperature", type=positive_float, default=1.0, help="distillation temperature (default 1)")
     train.add_argument(
         "--top-k", type=positive_int, help="keep only the teacher's k most likely tokens (default: all of them)"
     )

@@ -446,6 +446,25 @@ def test_counts_below_one_are_refused_in_one_line_naming_the_option(count, flag)
     )
 
 
+@settings(max_examples=25, deadline=None)
+@given(
+    value=st.sampled_from(["-1", "0", "0.0", "nan", "-inf", "x", "0.5", "2e-3"]),
+    flag=st.sampled_from(["--epochs", "--learning-rate", "--temperature"]),
+)
+def test_training_rates_and_passes_must_be_above_zero(value, flag):
+    command = ["train", "--output", "unused", f"{flag}={value}"]  # "=": argparse takes "-inf" for an option
+    if float(value if value != "x" else "nan") > 0:
+        assert getattr(build_parser().parse_args(command), flag[2:].replace("-", "_")) == float(value)
+        return
+    errors = io.StringIO()
+    with contextlib.redirect_stderr(errors), pytest.raises(SystemExit) as exit_status:
+        build_parser().parse_args(command)
+    assert exit_status.value.code == 2
+    assert errors.getvalue().splitlines()[-1] == (
+        f"early-exit train: error: argument {flag}: must be a number above 0, got '{value}'"
+    )
+
+
 def test_push_offline_ends_in_one_line(tmp_path):
     early_exit.add_exit_heads(AutoModelForCausalLM.from_pretrained(STORIES260K), [2]).save_pretrained(tmp_path / "h")
     with pytest.raises(SystemExit) as exit_status:  # the suite runs with HF_HUB_OFFLINE=1

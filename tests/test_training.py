@@ -259,6 +259,14 @@ def test_the_trainer_refuses_what_it_cannot_do(tmp_path):
         EarlyExitTrainer(joint, _args(tmp_path, cache_hidden_states=True), train_dataset=_blocks(0, 2))
 
 
+@pytest.mark.parametrize(
+    ("setting", "value"), [("distillation_temperature", 0.0), ("distillation_top_k", 0), ("cache_batch_size", 0)]
+)
+def test_bad_distillation_settings_are_refused_before_any_work(tmp_path, setting, value):
+    with pytest.raises(ValueError, match=f"{setting} must be"):
+        _args(tmp_path, **{setting: value})
+
+
 def test_exit_weighting_is_read_from_the_arguments(tmp_path):
     assert _args(tmp_path, exit_weighting="linear").loss_weights([2, 6]) == pytest.approx([0.25, 0.75])
     assert _args(tmp_path, exit_weighting="1,3").loss_weights([2, 6]) == pytest.approx([0.25, 0.75])

@@ -57,6 +57,18 @@ class EarlyExitTrainingArguments(TrainingArguments):
     # Batches carry keys that the model's forward does not name (cached hidden states): keep them.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep all dataset columns."})
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # Checked now: the loss would only find them after the hidden-state cache is built (an hour on a CPU).
+        if self.distillation_temperature <= 0:
+            raise ValueError(f"distillation_temperature must be positive, got {self.distillation_temperature}.")
+        if self.distillation_top_k is not None and self.distillation_top_k < 1:
+            raise ValueError(
+                f"distillation_top_k must be at least 1 (or None: all tokens), got {self.distillation_top_k}."
+            )
+        if self.cache_batch_size < 1:
+            raise ValueError(f"cache_batch_size must be at least 1, got {self.cache_batch_size}.")
+
     @classmethod
     def from_training_arguments(cls, args: TrainingArguments) -> EarlyExitTrainingArguments:
         """`args` as given, with the distillation settings at their defaults."""
