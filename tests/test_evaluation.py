@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from tiny_models import VOCAB, tiny_model
 
@@ -38,3 +39,24 @@ def test_agreement_counts_only_the_chosen_positions_and_accumulates():
         whole.agreeing,
         sorted(whole.earliest_exit_layers),
     )
+
+
+@torch.no_grad()
+def test_kl_sums_are_each_exits_kl_from_the_final_layer_over_the_counted_positions():
+    model = early_exit.add_exit_heads(tiny_model("llama", num_hidden_layers=6), [2, 4, 5], head_type="logit_lens")
+    torch.manual_seed(1)
+    input_ids = torch.randint(3, VOCAB, (3, 9))
+    positions = torch.rand(3, 9) < 0.7
+    output = model(input_ids)
+    final = output.logits.log_softmax(-1)
+    expected = [
+        float((final.exp() * (final - logits.log_softmax(-1))).sum(-1)[positions].sum())
+        for logits in output.exit_logits
+    ]
+    result = measure_agreement(model, input_ids, positions)
+    # float32 sums of differences of near terms: relative, not exact, equality.
+    assert result.kl_sums == [pytest.approx(value, rel=1e-4) for value in expected]
+    # Exits' logits may come from a generator, made one at a time (as the held-out evaluation passes them).
+    once = early_exit.training.ExitAgreement(model.exit_layers, model.num_layers)
+    once.add((logits for logits in output.exit_logits), output.logits, positions)
+    assert (once.agreeing, once.kl_sums) == (result.agreeing, result.kl_sums)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 
 from ..data import hidden_states_over_blocks, require_examples
 from ..modeling_early_exit import EarlyExitForCausalLM
-from .loss import exit_distillation_loss
+from .loss import TeacherDistribution
 
 
 @dataclass
@@ -38,15 +38,21 @@ class ExitAgreement:
         self.kl_sums = self.kl_sums or [0.0] * len(self.exit_layers)
 
     @torch.no_grad()
-    def add(self, exit_logits: Sequence[torch.Tensor], final_logits: torch.Tensor, positions: torch.Tensor) -> None:
-        """Count the positions where `positions` (batch, seq) is true, given each exit's and the final logits."""
+    def add(self, exit_logits: Iterable[torch.Tensor], final_logits: torch.Tensor, positions: torch.Tensor) -> None:
+        """Count the positions where `positions` (batch, seq) is true, given each exit's and the final logits.
+
+        `exit_logits` is read once, in exit order: a generator that makes each exit's logits when asked keeps one
+        exit's in memory at a time."""
         final = final_logits.argmax(-1)[positions]
-        hits = torch.stack([logits.argmax(-1)[positions] == final for logits in exit_logits])  # (exits, tokens)
         count = final.numel()
-        self.tokens += count
+        teacher = TeacherDistribution.of(final_logits)  # once for all exits
+        hits = []
         for index, logits in enumerate(exit_logits):
-            self.agreeing[index] += int(hits[index].sum())
-            self.kl_sums[index] += float(exit_distillation_loss([logits], final_logits, positions)) * count
+            hits.append(logits.argmax(-1)[positions] == final)
+            self.agreeing[index] += int(hits[-1].sum())
+            self.kl_sums[index] += float(teacher.kl_per_token(logits)[positions].sum())
+        self.tokens += count
+        hits = torch.stack(hits)  # (exits, tokens)
         layers = torch.tensor(self.exit_layers)
         any_agrees = hits.any(dim=0)
         self.earliest_exit_layers += layers[hits.int().argmax(dim=0)[any_agrees]].tolist()
@@ -98,8 +104,9 @@ def held_out_agreement(
     require_examples(dataset, "held-out")
     result = ExitAgreement(model.exit_layers, model.num_layers)
     for block in hidden_states_over_blocks(model, dataset, batch_size, bf16, "held-out agreement"):
-        exit_logits = [
+        # Made one exit at a time: with an exit after every layer, all of them at once would take gigabytes.
+        exit_logits = (
             model.exit_logits_at(layer, hidden) for layer, hidden in zip(model.exit_layers, block.exit_states)
-        ]
+        )
         result.add(exit_logits, model.final_logits(block.final_state), block.attention_mask.bool())
     return result

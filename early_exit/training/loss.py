@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -70,26 +71,49 @@ def exit_distillation_loss(
     if top_k is not None and not 1 <= top_k <= vocab_size:
         raise ValueError(f"top_k must be between 1 and the vocabulary size {vocab_size}, got {top_k}.")
 
-    # Fused log-softmaxes that read low-precision logits and write float32, no division when the temperature is 1,
-    # and a mask product instead of boolean indexing: each is a full pass over (tokens x vocabulary) saved per exit.
-    teacher = final_logits.detach()
-    if temperature != 1.0:
-        teacher = teacher / temperature
-    indices = None
-    if top_k is not None:
-        teacher, indices = teacher.topk(top_k, dim=-1)
-    teacher_log_probs = teacher.log_softmax(-1, dtype=torch.float32)
-    teacher_probs = teacher_log_probs.exp()
-    teacher_neg_entropy = (teacher_probs * teacher_log_probs).sum(-1)
+    teacher = TeacherDistribution.of(final_logits, temperature, top_k)
     counted = token_mask.to(torch.float32)
-
     total = final_logits.new_zeros((), dtype=torch.float32)
     for weight, logits in zip(weights, exit_logits):
-        student = logits if temperature == 1.0 else logits / temperature
-        student_log_probs = student.log_softmax(-1, dtype=torch.float32)
-        if indices is not None:
-            student_log_probs = student_log_probs.gather(-1, indices)
-        per_token = teacher_neg_entropy - (teacher_probs * student_log_probs).sum(-1)
-        total = total + weight * (per_token * counted).sum()
+        total = total + weight * (teacher.kl_per_token(logits) * counted).sum()
     denominator = num_items_in_batch if num_items_in_batch is not None else token_mask.sum().clamp(min=1)
     return total * temperature**2 / denominator
+
+
+@dataclass
+class TeacherDistribution:
+    """The final layer's next-token distribution, made once and compared with any number of exits' (the parts of
+    KL(final ‖ exit) that depend on the final layer alone).
+
+    Fused log-softmaxes read low-precision logits and write float32, and nothing is divided when the temperature
+    is 1: each is a full pass over (tokens x vocabulary) saved per exit.
+    """
+
+    log_probs: torch.Tensor
+    probs: torch.Tensor
+    neg_entropy: torch.Tensor
+    temperature: float = 1.0
+    indices: torch.Tensor | None = None  # the teacher's top-k tokens, when it keeps only those
+
+    @classmethod
+    def of(cls, final_logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None) -> TeacherDistribution:
+        """The distribution of `final_logits` (no gradient flows into it), softened by `temperature` and, with
+        `top_k`, kept to its k most likely tokens (renormalised)."""
+        teacher = final_logits.detach()
+        if temperature != 1.0:
+            teacher = teacher / temperature
+        indices = None
+        if top_k is not None:
+            teacher, indices = teacher.topk(top_k, dim=-1)
+        log_probs = teacher.log_softmax(-1, dtype=torch.float32)
+        probs = log_probs.exp()
+        return cls(log_probs, probs, (probs * log_probs).sum(-1), temperature, indices)
+
+    def kl_per_token(self, exit_logits: torch.Tensor) -> torch.Tensor:
+        """KL(teacher ‖ exit) at each position, (batch, seq), for an exit's (batch, seq, vocab) logits (not yet
+        scaled by the temperature's square)."""
+        student = exit_logits if self.temperature == 1.0 else exit_logits / self.temperature
+        student_log_probs = student.log_softmax(-1, dtype=torch.float32)
+        if self.indices is not None:
+            student_log_probs = student_log_probs.gather(-1, self.indices)
+        return self.neg_entropy - (self.probs * student_log_probs).sum(-1)
