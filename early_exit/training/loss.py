@@ -89,7 +89,6 @@ class TeacherDistribution:
     is 1: each is a full pass over (tokens x vocabulary) saved per exit.
     """
 
-    log_probs: torch.Tensor
     probs: torch.Tensor
     neg_entropy: torch.Tensor
     temperature: float = 1.0
@@ -107,7 +106,7 @@ class TeacherDistribution:
             teacher, indices = teacher.topk(top_k, dim=-1)
         log_probs = teacher.log_softmax(-1, dtype=torch.float32)
         probs = log_probs.exp()
-        return cls(log_probs, probs, (probs * log_probs).sum(-1), temperature, indices)
+        return cls(probs, (probs * log_probs).sum(-1), temperature, indices)
 
     def kl_per_token(self, exit_logits: torch.Tensor) -> torch.Tensor:
         """KL(teacher ‖ exit) at each position, (batch, seq), for an exit's (batch, seq, vocab) logits (not yet
