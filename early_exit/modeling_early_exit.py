@@ -46,7 +46,7 @@ from .errors import CheckpointError, HeadMismatchError, InvalidOptionError
 from .generation import DEFAULT_LOOKUP_TOKENS, ExitDecodingConfig, PromptLookup, generate_with_exits
 from .heads import HEAD_TYPES, build_head, exit_logits, head_inputs, open_head_slots
 from .hub import upload_heads
-from .kernels import FewPositionAttention, FewPositionLinears, entered_together
+from .kernels import FewPositionAttention, FewPositionLinears, FusedDecoderLayers, entered_together
 from .model_card import heads_model_card
 
 logger = logging.get_logger(__name__)
@@ -128,7 +128,8 @@ class EarlyExitForCausalLM(PreTrainedModel):
         )
         # A plain attribute, not a submodule: it only points at modules `self.base` already owns.
         self.decoder: DecoderAdapter = decoder
-        self._decoding_kernels: dict[bool, FewPositionLinears] = {}  # by prepack, made on first use
+        # By prepack, made on first use.
+        self._decoding_kernels: dict[bool, tuple[FusedDecoderLayers, FewPositionLinears]] = {}
         self._decoding_attention: FewPositionAttention | None = None
         if unwrap_model(base_model) is base_model:
             base_model.requires_grad_(False)
@@ -265,16 +266,19 @@ class EarlyExitForCausalLM(PreTrainedModel):
     def decoding_kernels(self, kernels: str = "packed") -> AbstractContextManager:
         """A `with` block inside which this thread runs the model's linear layers in the matmul forms `kernels`
         names ("packed", "unpacked" or "stock", see `early_exit.generation.options.KERNELS`) and, but for "stock",
-        lets SDPA share key/value heads in passes of several positions (`FewPositionAttention`); other threads and
-        code outside the block are unaffected. The packed weights are made on first use and kept with the model."""
+        runs Llama-family layers from fused q/k/v and gate/up matrices (`FusedDecoderLayers`) and lets SDPA share
+        key/value heads in passes of several positions (`FewPositionAttention`); other threads and code outside the
+        block are unaffected. The fused and packed weights are made on first use and kept with the model."""
         if kernels == "stock":
             return nullcontext()
         prepack = kernels == "packed"
         if prepack not in self._decoding_kernels:
-            self._decoding_kernels[prepack] = FewPositionLinears(self, prepack=prepack)
+            layers = FusedDecoderLayers(self, prepack=prepack)
+            linears = FewPositionLinears(self, prepack=prepack, exclude=layers.fused_linears)
+            self._decoding_kernels[prepack] = (layers, linears)
         if self._decoding_attention is None:
             self._decoding_attention = FewPositionAttention(self)
-        return entered_together(self._decoding_kernels[prepack], self._decoding_attention)
+        return entered_together(*self._decoding_kernels[prepack], self._decoding_attention)
 
     def base_tokenizer(self) -> PreTrainedTokenizerBase:
         """The base model's tokenizer: `model.tokenizer` if set (as loading a heads folder that carries one sets it),

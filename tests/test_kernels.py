@@ -455,13 +455,22 @@ def test_attention_scope_switches_only_sdpa_configs_and_only_for_its_threads(mon
 
 
 def test_speculative_verification_shares_key_value_heads_and_keeps_generates_output(monkeypatch):
-    """DSSD verifies drafts in passes of several positions: on an SDPA model they take the shared path (not
-    `base.generate`, which runs without the scope), and the output is still `base.generate`'s."""
+    """DSSD verifies drafts in passes of several positions: on an SDPA model they attend with shared key/value heads
+    (the fused layers call SDPA so; not `base.generate`, which runs without the scope), and the output is still
+    `base.generate`'s."""
     model = _model("llama", "sdpa")
     ids, mask = _prompts(3, 2, 6, padded=True)
     arguments = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
     expected = model.base.generate(ids, attention_mask=mask, **arguments)
-    calls = _count_shared_calls(monkeypatch)
+    sdpa = F.scaled_dot_product_attention
+    shared: list[int] = []
+
+    def counting(query, *args, **kwargs):
+        if query.shape[2] > 1 and kwargs.get("enable_gqa"):
+            shared.append(query.shape[2])
+        return sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
     output = model.generate(
         ids,
         attention_mask=mask,
@@ -471,4 +480,4 @@ def test_speculative_verification_shares_key_value_heads_and_keeps_generates_out
         **arguments,
     )
     assert torch.equal(output.sequences, expected)
-    assert output.drafted.sum() > 0 and len(calls) > 0
+    assert output.drafted.sum() > 0 and len(shared) > 0

@@ -2,6 +2,7 @@
 and few-position passes cheap on CPUs, and the projection onto a pruned vocabulary."""
 
 from .attention import FewPositionAttention, shared_kv_sdpa
+from .decoder_layers import FusedDecoderLayers
 from .forms import LinearForm, pack_weight
 from .multi_position import FewPositionLinears, linear_for_rows
 from .projection import project_rows
@@ -12,6 +13,7 @@ __all__ = [
     "FewPositionAttention",
     "FewPositionLinears",
     "FormChoice",
+    "FusedDecoderLayers",
     "LinearForm",
     "choice_for",
     "entered_together",

@@ -11,7 +11,7 @@ inside its `with` block; `linear_for_rows` is the function behind it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -67,7 +67,7 @@ def _linear_in(
     return apply_form(form, x, weight, bias, packed)
 
 
-def _weight_state(weight: torch.Tensor) -> tuple[int, int, int]:
+def weight_state(weight: torch.Tensor) -> tuple[int, int, int]:
     """What changes when a weight is replaced (the tensor and its address) or updated in place (its version counter;
     inference tensors have none, and cannot be updated in place outside inference mode either)."""
     return id(weight), weight.data_ptr(), 0 if weight.is_inference() else weight._version
@@ -102,22 +102,25 @@ class FewPositionLinears(ThreadScope):
     210 modules).
 
     Modules whose class overrides `forward`, whose weight is not a plain dense matrix, or that already carry an
-    instance-level `forward` (another wrapper's hook) are left alone. Blocks nest and may be entered from several
-    threads at once.
+    instance-level `forward` (another wrapper's hook) are left alone, as are those in `exclude`. Blocks nest and may
+    be entered from several threads at once.
 
     Args:
         module: the model, or any part of it (e.g. its decoder layers).
         prepack: keep packed copies of the weights (memory for speed); without them the forms that need no copy
             are used.
+        exclude: linears to leave alone (e.g. those whose products `FusedDecoderLayers` makes from its own copies).
     """
 
-    def __init__(self, module: nn.Module, prepack: bool = True) -> None:
+    def __init__(self, module: nn.Module, prepack: bool = True, exclude: Iterable[nn.Module] = ()) -> None:
+        excluded = {id(linear) for linear in exclude}
         self._linears = [
             _Linear(child)
             for child in module.modules()
             if isinstance(child, nn.Linear)
             and type(child).forward is nn.Linear.forward
             and is_plain_matrix(child.weight)
+            and id(child) not in excluded
         ]
         for linear in self._linears:
             linear.forward = self._forward_for(linear)
@@ -154,7 +157,7 @@ class FewPositionLinears(ThreadScope):
                 linear.made_for = None
         for linear in self._linears:
             weight = linear.module.weight
-            state = _weight_state(weight)
+            state = weight_state(weight)
             if linear.made_for != state:
                 linear.choice = choice_for(weight)
                 packing = linear.choice.packing
@@ -187,7 +190,7 @@ class FewPositionLinears(ThreadScope):
                 packed = linear.packed
                 form = linear.choice.form(input.numel() // module.in_features, packed is not None)
                 if form is not LinearForm.STOCK:
-                    if packed is not None and linear.made_for != _weight_state(weight):
+                    if packed is not None and linear.made_for != weight_state(weight):
                         # The weight changed inside the block: the next block entry re-packs it.
                         packed = None
                         form = linear.choice.form(input.numel() // module.in_features, False)

@@ -9,17 +9,19 @@ the minimum and median ms, ratios of minimums, and the memory-bandwidth bound: t
 KV cache) over the streaming read bandwidth measured in the same run (one sum over 512 MB per round; the bound is
 given at the best and at the median of the rounds, as other tenants of the machine share its memory bus).
 
-Variants: stock; `FewPositionLinears` with and without packed weights; and the former with `FewPositionAttention`,
-which lets SDPA share key/value heads instead of copying them when a pass of several positions needs a mask: what
-the decoding loop runs (`EarlyExitForCausalLM.decoding_kernels`).
+Variants: stock; `FewPositionLinears` with and without packed weights; the former with `FewPositionAttention`,
+which lets SDPA share key/value heads instead of copying them when a pass of several positions needs a mask; and
+those with `FusedDecoderLayers`, which runs each layer from fused q/k/v and gate/up matrices: what the decoding loop
+runs (`EarlyExitForCausalLM.decoding_kernels`).
 
     early-exit bench kernels --output docs/kernels-smollm2-135m.md
     python examples/benchmark_kernels.py --output docs/kernels-smollm2-135m.md  (the same)
 
 `--profile` adds where the time of a pass goes (each linear, attention, norms; forward hooks, summed over the
-layers), `--sweep` a table of each matmul form on random matrices of the shapes of the model's decoder linears, as
-many as it has so that they stream from memory (what `early_exit.kernels.tuning` times on the model's own weights, at
-more rounds), beside the form `linear_for_rows` chose.
+layers; for the variant before `FusedDecoderLayers`, whose layers call no submodules but o_proj and down_proj),
+`--sweep` a table of each matmul form on random matrices of the shapes of the model's decoder linears, as many as it
+has so that they stream from memory (what `early_exit.kernels.tuning` times on the model's own weights, at more
+rounds), beside the form `linear_for_rows` chose.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from transformers.cache_utils import DynamicCache
 
 from early_exit import load_default_model
 from early_exit.architectures import DecoderAdapter, get_decoder_adapter
-from early_exit.kernels import FewPositionAttention, entered_together
+from early_exit.kernels import FewPositionAttention, FusedDecoderLayers, entered_together
 from early_exit.kernels.forms import PACKINGS, LinearForm, apply_form, can_pack, pack_weight
 from early_exit.kernels.multi_position import FewPositionLinears, linear_for_rows
 from early_exit.kernels.tuning import ROW_BUCKETS, choice_for, tune_forms
@@ -57,10 +59,11 @@ SCRIPT = "python examples/benchmark_kernels.py"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 STOCK, LINEARS_ONLY, UNPACKED = "stock", "FewPositionLinears", "FewPositionLinears(prepack=False)"
 #: What decoding runs, and what the profile compares with stock.
-CHOSEN = "FewPositionLinears + FewPositionAttention"
+SHARED = "FewPositionLinears + FewPositionAttention"
+CHOSEN = "FusedDecoderLayers + FewPositionLinears + FewPositionAttention"
 #: The sweep's row for the form `linear_for_rows` chose.
 CHOSEN_FORM = "chosen (linear_for_rows)"
-VARIANTS = (STOCK, LINEARS_ONLY, UNPACKED, CHOSEN)
+VARIANTS = (STOCK, LINEARS_ONLY, UNPACKED, SHARED, CHOSEN)
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -72,7 +75,7 @@ class Model:
     adapter: DecoderAdapter
     cache: DynamicCache
     continuation: torch.Tensor
-    scopes: dict[str, list[FewPositionLinears | FewPositionAttention]]  # by variant
+    scopes: dict[str, list[FusedDecoderLayers | FewPositionLinears | FewPositionAttention]]  # by variant
 
     def linears(self) -> Iterator[tuple[str, nn.Linear]]:
         """The decoder layers' linears with their names inside their layer (e.g. `self_attn.q_proj`)."""
@@ -107,12 +110,14 @@ def load(name: str, context: int, max_rows: int) -> Model:
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
         run_pass(adapter, cache, ids[:, :context])
-    linears = FewPositionLinears(adapter.layers)
+    linears, attention = FewPositionLinears(adapter.layers), FewPositionAttention(adapter.layers)
+    fused = FusedDecoderLayers(adapter.layers)
     scopes = {
         STOCK: [],
         LINEARS_ONLY: [linears],
         UNPACKED: [FewPositionLinears(adapter.layers, prepack=False)],
-        CHOSEN: [linears, FewPositionAttention(adapter.layers)],
+        SHARED: [linears, attention],
+        CHOSEN: [fused, FewPositionLinears(adapter.layers, exclude=fused.fused_linears), attention],
     }
     return Model(name, adapter, cache, ids[:, context:], scopes)
 
@@ -264,11 +269,12 @@ def profiled_pass(model: Model, variant: str, rows: int) -> dict[str, float]:
 def profile_table(models: list[Model], rows_list: list[int], runs: dict, bandwidth: list[float]) -> list[str]:
     """Markdown table of the ms per part of a pass (each part's best of the rounds), with each linear's bandwidth
     bound."""
-    columns = [(model, variant, rows) for model in models for variant in (STOCK, CHOSEN) for rows in rows_list]
+    columns = [(model, variant, rows) for model in models for variant in (STOCK, SHARED) for rows in rows_list]
     lines = [
         "| part | "
         + " | ".join(
-            f"{model.name} {'stock' if variant == STOCK else 'chosen'} {rows}" for model, variant, rows in columns
+            f"{model.name} {'stock' if variant == STOCK else 'forms + shared heads'} {rows}"
+            for model, variant, rows in columns
         )
         + " | "
         + " | ".join(f"{model.name} bound (best / median bandwidth)" for model in models)
@@ -532,11 +538,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         scope = model.scopes[LINEARS_ONLY][0]  # the packed one
         report.append(
             f"- {model.name}: `FewPositionLinears` holds {scope.packed_bytes / 1e6:.0f} MB of packed weights; "
-            f"entering and leaving it costs {1e3 * scope_cost(scope):.2f} ms."
+            f"entering and leaving it costs {1e3 * scope_cost(scope):.2f} ms; `FusedDecoderLayers` holds "
+            f"{model.scopes[CHOSEN][0].copied_bytes / 1e6:.0f} MB of fused copies (and their packed copies)."
         )
     if args.profile:
         rows_list = sorted({1, max(r for r in args.rows if r <= 4)})
-        profile_cases = [(m.name, v, rows) for m in models for v in (STOCK, CHOSEN) for rows in rows_list]
+        profile_cases = [(m.name, v, rows) for m in models for v in (STOCK, SHARED) for rows in rows_list]
         runs = interleaved(
             profile_cases,
             lambda name, variant, rows: profiled_pass(by_name[name], variant, rows),
@@ -546,6 +553,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         report += [
             "",
             "## Where the time goes (ms per pass, summed over layers, best of the rounds; hooks add ~2 us per module)",
+            "",
+            f"Stock against {SHARED} (the fused layers call no q/k/v, gate or up module for hooks to time).",
             "",
             *profile_table(models, rows_list, runs, bandwidth),
         ]
