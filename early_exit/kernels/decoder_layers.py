@@ -7,8 +7,9 @@ microseconds beyond its arithmetic, and the key and value matrices (192 x 576 in
 reading them does. `FusedDecoderLayers` runs each supported layer, for the threads inside its `with` block, from one
 matrix for q, k and v and one for gate and up (copies made once, in the matmul forms `linear_for_rows` times on the
 machine), with the rotary embedding applied to queries and keys together, a fused RMS norm in float32 and SDPA called
-directly. A pass of SmolLM2-135M's decoder over one new position took 22.5 ms instead of 27.8 on 2 Zen 4 cores, over
-four 28.1 ms instead of 34.4 (`early-exit bench kernels`); the result equals the layer's own up to float rounding.
+directly. A float32 pass of SmolLM2-135M's decoder over one new position took 23.4 ms instead of 28.2 on 2 Zen 4
+cores, over four 31.1 ms instead of 34.0 (docs/kernels-smollm2-135m.md); the result equals the layer's own up to float
+rounding.
 """
 
 from __future__ import annotations
