@@ -29,10 +29,11 @@ from .scope import ThreadScope
 from .tuning import FormChoice, choice_for, tune_forms
 
 #: Decoder layer classes whose computation `FusedDecoderLayers` reproduces: pre-norm attention and gated MLP, each
-#: with a residual; RMS norms; rotary embedding of the whole head; no norms on queries or keys.
-SUPPORTED_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+#: with a residual; RMS norms; rotary embedding of the whole head; Qwen3's RMS norms of each query and key head
+#: before it (`q_norm`, `k_norm`).
+SUPPORTED_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
 #: Their RMS norms, which compute `weight * x * rsqrt(mean(x ** 2) + eps)` (in float32 as `F.rms_norm` does).
-_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 #: The attention implementations computed here (what transformers' "sdpa" computes); others run the layer's own.
 _SDPA_NAMES = ("sdpa", ATTENTION_NAME)
 
@@ -87,7 +88,7 @@ def _plain_linear(module: Any) -> bool:
 def is_supported_layer(layer: nn.Module) -> bool:
     """Whether `FusedDecoderLayers` runs `layer`: one of `SUPPORTED_LAYERS` with its class's own `forward`, attention
     through SDPA, plain `nn.Linear` projections (not wrapped by an adapter such as LoRA) of one dtype and device,
-    and q/k/v biases all present or all absent (so with gate/up)."""
+    q/k/v biases all present or all absent (so with gate/up), and norms of query and key heads both or neither."""
     if type(layer).__name__ not in SUPPORTED_LAYERS or "forward" in vars(layer):
         return False
     attention, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
@@ -95,6 +96,8 @@ def is_supported_layer(layer: nn.Module) -> bool:
     if attention is None or mlp is None or not all(_plain_linear(getattr(attention, n, None)) for n in names):
         return False
     if attention.config._attn_implementation not in _SDPA_NAMES:
+        return False
+    if hasattr(attention, "q_norm") != hasattr(attention, "k_norm"):
         return False
     if not all(_plain_linear(getattr(mlp, n, None)) for n in ("gate_proj", "up_proj", "down_proj")):
         return False
@@ -200,6 +203,7 @@ class FusedDecoderLayers(ThreadScope):
         heads, kv_heads = attention.config.num_attention_heads, attention.config.num_key_value_heads
         head_dim = attention.head_dim
         groups = heads // kv_heads
+        query_norm, key_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
 
         def forward(
             hidden_states: torch.Tensor,
@@ -232,9 +236,15 @@ class FusedDecoderLayers(ThreadScope):
                 )
             batch, positions = hidden_states.shape[:2]
             qkv = fused.qkv(_norm(layer.input_layernorm, hidden_states))
-            qkv = qkv.view(batch, positions, -1, head_dim).transpose(1, 2)
+            qkv = qkv.view(batch, positions, -1, head_dim)
+            query_key = qkv[:, :, : heads + kv_heads]
+            if query_norm is not None:
+                query_key = torch.cat(
+                    (_norm(query_norm, qkv[:, :, :heads]), _norm(key_norm, qkv[:, :, heads : heads + kv_heads])), 2
+                )
+            qkv = qkv.transpose(1, 2)
             cos, sin = position_embeddings
-            rotated = _rotate(qkv[:, : heads + kv_heads], cos.unsqueeze(1), sin.unsqueeze(1))
+            rotated = _rotate(query_key.transpose(1, 2), cos.unsqueeze(1), sin.unsqueeze(1))
             query, key, value = rotated[:, :heads], rotated[:, heads:], qkv[:, heads + kv_heads :]
             if past_key_values is not None:
                 key, value = past_key_values.update(key, value, attention.layer_idx)
