@@ -18,7 +18,14 @@ from tiny_models import VOCAB, run_layers, tiny_model
 from transformers import DynamicCache
 
 from early_exit.architectures import get_decoder_adapter
-from early_exit.kernels import FewPositionAttention, FewPositionLinears, FusedDecoderLayers, decoder_layers, tuning
+from early_exit.kernels import (
+    FewPositionAttention,
+    FewPositionLinears,
+    FusedDecoderLayers,
+    decoder_layers,
+    entered_together,
+    tuning,
+)
 from early_exit.kernels.decoder_layers import is_supported_layer
 
 FUSED_TYPES = ["llama", "mistral", "qwen2", "qwen3"]
@@ -52,17 +59,11 @@ def passes(model, ids, mask, steps, scopes):
     stops = [6]
     for step in steps:
         stops.append(stops[-1] + step)
-    with torch.inference_mode():
-        for scope in scopes:
-            scope.__enter__()
-        try:
-            for stop in stops:
-                out, _ = run_layers(adapter, ids[:, start:stop], attention_mask=mask[:, :stop], cache=cache)
-                logits.append(out)
-                start = stop
-        finally:
-            for scope in reversed(scopes):
-                scope.__exit__(None, None, None)
+    with torch.inference_mode(), entered_together(*scopes):
+        for stop in stops:
+            out, _ = run_layers(adapter, ids[:, start:stop], attention_mask=mask[:, :stop], cache=cache)
+            logits.append(out)
+            start = stop
     return torch.cat(logits, 1), cache
 
 
@@ -127,14 +128,18 @@ def test_other_threads_and_gradients_run_the_layers_own_forward(monkeypatch):
     expected, _ = run_layers(adapter, ids)
     calls = count_fused_calls(monkeypatch)
     outside: list[torch.Tensor] = []
+
+    def run_outside() -> None:
+        with torch.no_grad():  # grad mode is per thread: without this the thread would fall back for gradients
+            outside.append(run_layers(adapter, ids)[0])
+
     with FusedDecoderLayers(model):
         with torch.no_grad():
             torch.testing.assert_close(run_layers(adapter, ids)[0], expected, rtol=1e-5, atol=1e-5)
         assert len(calls) == model.config.num_hidden_layers
-        thread = threading.Thread(target=lambda: outside.append(run_layers(adapter, ids)[0]))
-        with torch.no_grad():
-            thread.start()
-            thread.join()
+        thread = threading.Thread(target=run_outside)
+        thread.start()
+        thread.join()
         logits, _ = run_layers(adapter, ids)  # gradients enabled: the layers' own forward, which autograd follows
         logits.sum().backward()
     assert set(calls) == {threading.get_ident()} and len(calls) == model.config.num_hidden_layers
@@ -166,14 +171,10 @@ def test_state_propagation_writes_the_layers_keys_and_values():
     caches = []
     for scopes in ([], [FusedDecoderLayers(model)]):
         cache = DynamicCache(config=model.config)
-        with torch.inference_mode():
+        with torch.inference_mode(), entered_together(*scopes):
             hidden, inputs = adapter.start(ids, cache=cache)
-            for scope in scopes:
-                scope.__enter__()
             for index in range(adapter.num_layers):
                 adapter.propagate_kv(index, hidden, replace(inputs, cache=cache))
-            for scope in scopes:
-                scope.__exit__(None, None, None)
         caches.append(cache)
     for fused, own in zip(caches[1].layers, caches[0].layers):
         torch.testing.assert_close(fused.keys, own.keys, rtol=1e-5, atol=1e-5)

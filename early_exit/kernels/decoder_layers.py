@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import ATTENTION_NAME
-from .forms import is_plain_matrix, pack_weight
-from .multi_position import linear_for_rows, weight_state
+from .forms import is_plain_matrix
+from .multi_position import chosen_form, linear_for_rows, weight_state
 from .scope import ThreadScope
-from .tuning import FormChoice, choice_for, tune_forms
+from .tuning import FormChoice, tune_forms
 
 #: Decoder layer classes whose computation `FusedDecoderLayers` reproduces: pre-norm attention and gated MLP, each
 #: with a residual; RMS norms; rotary embedding of the whole head; Qwen3's RMS norms of each query and key head
@@ -179,22 +179,20 @@ class FusedDecoderLayers(ThreadScope):
             vars(fused.layer).pop("forward", None)
 
     def _refresh(self) -> None:
-        """(Re)make the fused copies of layers whose weights changed, and time their shapes' forms at the current
-        thread count if not yet done."""
+        """(Re)make the fused copies of layers whose weights changed; time their shapes' forms at the current thread
+        count if not yet done, and look up the choice and pack where either changed."""
         stale = [fused for fused in self._layers if fused.made_for != fused.weights_state()]
         for fused in stale:
             fused.qkv, fused.gate_up = _stacked(fused.qkv_linears), _stacked(fused.gate_up_linears)
             fused.made_for = fused.weights_state()
         threads = torch.get_num_threads()
         if threads != self._timed_threads:
-            stale = self._layers
-            tune_forms(product.weight for fused in stale for product in (fused.qkv, fused.gate_up))
+            tune_forms(product.weight for fused in self._layers for product in (fused.qkv, fused.gate_up))
             self._timed_threads = threads
+            stale = self._layers
         for fused in stale:
             for product in (fused.qkv, fused.gate_up):
-                product.choice = choice_for(product.weight)
-                packing = product.choice.packing
-                product.packed = pack_weight(product.weight, packing) if self._prepack and packing else None
+                product.choice, product.packed = chosen_form(product.weight, self._prepack)
 
     def _forward_for(self, fused: _FusedLayer) -> Callable[..., torch.Tensor]:
         layer = fused.layer

@@ -67,6 +67,14 @@ def _linear_in(
     return apply_form(form, x, weight, bias, packed)
 
 
+def chosen_form(weight: torch.Tensor, prepack: bool) -> tuple[FormChoice, torch.Tensor | None]:
+    """The form choice for `weight` (timed by `tune_forms` beforehand) and, with `prepack`, the packed copy it needs
+    (`None` where no row count runs packed)."""
+    choice = choice_for(weight)
+    packing = choice.packing
+    return choice, pack_weight(weight, packing) if prepack and packing else None
+
+
 def weight_state(weight: torch.Tensor) -> tuple[int, int, int]:
     """What changes when a weight is replaced (the tensor and its address) or updated in place (its version counter;
     inference tensors have none, and cannot be updated in place outside inference mode either)."""
@@ -159,9 +167,7 @@ class FewPositionLinears(ThreadScope):
             weight = linear.module.weight
             state = weight_state(weight)
             if linear.made_for != state:
-                linear.choice = choice_for(weight)
-                packing = linear.choice.packing
-                linear.packed = pack_weight(weight, packing) if self._prepack and packing else None
+                linear.choice, linear.packed = chosen_form(weight, self._prepack)
                 linear.made_for = state
 
     # The instance attribute goes straight into `__dict__`: `nn.Module.__setattr__` would only check that
