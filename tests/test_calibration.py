@@ -19,6 +19,7 @@ from early_exit.calibration import (
     calibrate_level,
     calibrate_table,
     collect_exit_scores,
+    costs,
     evaluate_policy,
     exit_positions,
     measure_exit_costs,
@@ -154,6 +155,24 @@ def test_costs_are_measured_per_exit_under_the_pruning_they_will_run_with():
     assert pruned.pruning_exit == 1 and len(pruned.head_ms) == 3
     assert pruned.layer_ms > 0 and pruned.final_head_ms > 0 and pruned.carry_fraction >= 0
     assert measure_exit_costs(model, "max_prob", context=16, repeats=3).pruning_exit is None
+
+
+def test_costs_are_timed_interleaved_and_keep_each_parts_fastest_round(monkeypatch):
+    """Every part runs once per round in turn (a burst of load hits all alike), the first round only warms up, and
+    each part keeps its fastest round, whatever order its slow rounds came in."""
+    durations = {"a": [9.0, 5.0, 3.0, 4.0], "b": [9.0, 2.0, 7.0, 1.0]}  # seconds per round, warm-up first
+    clock, calls = [0.0], []
+
+    def work(name: str):
+        def run() -> None:
+            calls.append(name)
+            clock[0] += durations[name][calls.count(name) - 1]
+
+        return run
+
+    monkeypatch.setattr(costs.time, "perf_counter", lambda: clock[0])
+    assert costs._milliseconds([work("a"), work("b")], rounds=3) == [3000.0, 1000.0]
+    assert calls == ["a", "b"] * 4
 
 
 def test_the_heads_report_tabulates_each_heads_size_and_cost_relative_to_a_layer():
