@@ -67,7 +67,8 @@ def _measure(
             layer_hidden = hidden
             for index in range(model.num_layers):
                 layer_hidden = decoder.layer(index, layer_hidden, inputs)
-            cache.crop(-positions)  # back to `context` positions
+            for layer in cache.layers[: model.num_layers]:  # back to `context` positions (heads' slots untouched)
+                layer.crop(-positions)
 
         return run
 
