@@ -46,7 +46,7 @@ from .errors import CheckpointError, HeadMismatchError, InvalidOptionError
 from .generation import DEFAULT_LOOKUP_TOKENS, ExitDecodingConfig, PromptLookup, generate_with_exits
 from .heads import HEAD_TYPES, build_head, exit_logits, head_inputs, open_head_slots
 from .hub import upload_heads
-from .kernels import FewPositionAttention, FewPositionLinears, FusedDecoderLayers, entered_together
+from .kernels import FewPositionAttention, FewPositionLinears, FusedDecoderLayers, decoding_products, entered_together
 from .model_card import heads_model_card
 
 logger = logging.get_logger(__name__)
@@ -273,9 +273,7 @@ class EarlyExitForCausalLM(PreTrainedModel):
             return nullcontext()
         prepack = kernels == "packed"
         if prepack not in self._decoding_kernels:
-            layers = FusedDecoderLayers(self, prepack=prepack)
-            linears = FewPositionLinears(self, prepack=prepack, exclude=layers.fused_linears)
-            self._decoding_kernels[prepack] = (layers, linears)
+            self._decoding_kernels[prepack] = decoding_products(self, prepack=prepack)
         if self._decoding_attention is None:
             self._decoding_attention = FewPositionAttention(self)
         return entered_together(*self._decoding_kernels[prepack], self._decoding_attention)

@@ -20,9 +20,9 @@ from transformers import DynamicCache
 from early_exit.architectures import get_decoder_adapter
 from early_exit.kernels import (
     FewPositionAttention,
-    FewPositionLinears,
     FusedDecoderLayers,
     decoder_layers,
+    decoding_products,
     entered_together,
     tuning,
 )
@@ -46,8 +46,7 @@ def count_fused_calls(monkeypatch) -> list[int]:
 
 def decoding_scopes(model: torch.nn.Module) -> list:
     """The scopes `EarlyExitForCausalLM.decoding_kernels` enters, over `model`."""
-    fused = FusedDecoderLayers(model)
-    return [fused, FewPositionLinears(model, exclude=fused.fused_linears), FewPositionAttention(model)]
+    return [*decoding_products(model), FewPositionAttention(model)]
 
 
 def passes(model, ids, mask, steps, scopes):
@@ -148,7 +147,7 @@ def test_other_threads_and_gradients_run_the_layers_own_forward(monkeypatch):
     assert not any("forward" in vars(module) for module in model.modules())
 
 
-def test_fused_copies_follow_weight_updates_between_blocks():
+def test_fused_copies_follow_weight_updates_between_blocks(monkeypatch):
     model = tiny_model("qwen2", attention="sdpa")  # q/k/v with biases
     adapter = get_decoder_adapter(model)
     ids = torch.randint(3, VOCAB, (1, 5))
@@ -159,16 +158,19 @@ def test_fused_copies_follow_weight_updates_between_blocks():
         model.model.layers[2].mlp.up_proj.weight.mul_(1.5)
         attention.v_proj.weight = torch.nn.Parameter(torch.randn_like(attention.v_proj.weight))
         expected, _ = run_layers(adapter, ids)
+        calls = count_fused_calls(monkeypatch)
         with scope:
             torch.testing.assert_close(run_layers(adapter, ids)[0], expected, rtol=1e-5, atol=1e-5)
+    assert len(calls) == model.config.num_hidden_layers  # from the fused copies, not the layers' own forward
 
 
-def test_state_propagation_writes_the_layers_keys_and_values():
+def test_state_propagation_writes_the_layers_keys_and_values(monkeypatch):
     """CALM's state propagation stops a layer once its keys and values are in the cache; the fused path does too."""
     model = tiny_model("llama", attention="sdpa")
     adapter = get_decoder_adapter(model)
     ids = torch.randint(3, VOCAB, (1, 4))
     caches = []
+    calls = count_fused_calls(monkeypatch)
     for scopes in ([], [FusedDecoderLayers(model)]):
         cache = DynamicCache(config=model.config)
         with torch.inference_mode(), entered_together(*scopes):
@@ -179,3 +181,4 @@ def test_state_propagation_writes_the_layers_keys_and_values():
     for fused, own in zip(caches[1].layers, caches[0].layers):
         torch.testing.assert_close(fused.keys, own.keys, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(fused.values, own.values, rtol=1e-5, atol=1e-5)
+    assert len(calls) == adapter.num_layers  # the fused path wrote the second cache

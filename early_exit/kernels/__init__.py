@@ -2,7 +2,7 @@
 and few-position passes cheap on CPUs, and the projection onto a pruned vocabulary."""
 
 from .attention import FewPositionAttention, shared_kv_sdpa
-from .decoder_layers import FusedDecoderLayers
+from .decoder_layers import FusedDecoderLayers, decoding_products
 from .forms import LinearForm, pack_weight
 from .multi_position import FewPositionLinears, linear_for_rows
 from .projection import project_rows
@@ -16,6 +16,7 @@ __all__ = [
     "FusedDecoderLayers",
     "LinearForm",
     "choice_for",
+    "decoding_products",
     "entered_together",
     "linear_for_rows",
     "pack_weight",

@@ -24,7 +24,7 @@ from torch import nn
 
 from .attention import ATTENTION_NAME
 from .forms import is_plain_matrix
-from .multi_position import chosen_form, linear_for_rows, weight_state
+from .multi_position import FewPositionLinears, chosen_form, linear_for_rows, weight_state
 from .scope import ThreadScope
 from .tuning import FormChoice, tune_forms
 
@@ -264,3 +264,11 @@ class FusedDecoderLayers(ThreadScope):
             return hidden_states + mlp.down_proj(mlp.act_fn(gate) * up)
 
         return forward
+
+
+def decoding_products(module: nn.Module, prepack: bool = True) -> tuple[FusedDecoderLayers, FewPositionLinears]:
+    """The two scopes the products of decoding run in: supported layers from their fused copies
+    (`FusedDecoderLayers`), every other linear in its timed form (`FewPositionLinears`, which leaves the fused
+    linears alone rather than pack them a second time). Enter both, the fused layers first (`entered_together`)."""
+    layers = FusedDecoderLayers(module, prepack=prepack)
+    return layers, FewPositionLinears(module, prepack=prepack, exclude=layers.fused_linears)

@@ -45,7 +45,7 @@ from transformers.cache_utils import DynamicCache
 
 from early_exit import load_default_model
 from early_exit.architectures import DecoderAdapter, get_decoder_adapter
-from early_exit.kernels import FewPositionAttention, FusedDecoderLayers, entered_together
+from early_exit.kernels import FewPositionAttention, FusedDecoderLayers, decoding_products, entered_together
 from early_exit.kernels.forms import PACKINGS, LinearForm, apply_form, can_pack, pack_weight
 from early_exit.kernels.multi_position import FewPositionLinears, linear_for_rows
 from early_exit.kernels.tuning import ROW_BUCKETS, choice_for, tune_forms
@@ -58,8 +58,9 @@ SCRIPT = "python examples/benchmark_kernels.py"
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 STOCK, LINEARS_ONLY, UNPACKED = "stock", "FewPositionLinears", "FewPositionLinears(prepack=False)"
-#: What decoding runs, and what the profile compares with stock.
+#: The previous release's decoding, which the profile compares with stock (hooks cannot see inside fused layers).
 SHARED = "FewPositionLinears + FewPositionAttention"
+#: What decoding runs (`EarlyExitForCausalLM.decoding_kernels`).
 CHOSEN = "FusedDecoderLayers + FewPositionLinears + FewPositionAttention"
 #: The sweep's row for the form `linear_for_rows` chose.
 CHOSEN_FORM = "chosen (linear_for_rows)"
@@ -111,13 +112,12 @@ def load(name: str, context: int, max_rows: int) -> Model:
     with torch.inference_mode():
         run_pass(adapter, cache, ids[:, :context])
     linears, attention = FewPositionLinears(adapter.layers), FewPositionAttention(adapter.layers)
-    fused = FusedDecoderLayers(adapter.layers)
     scopes = {
         STOCK: [],
         LINEARS_ONLY: [linears],
         UNPACKED: [FewPositionLinears(adapter.layers, prepack=False)],
         SHARED: [linears, attention],
-        CHOSEN: [fused, FewPositionLinears(adapter.layers, exclude=fused.fused_linears), attention],
+        CHOSEN: [*decoding_products(adapter.layers), attention],
     }
     return Model(name, adapter, cache, ids[:, context:], scopes)
 
