@@ -5,6 +5,7 @@ the clear winner chosen and kept in the forms file; and a scope that changes not
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from contextlib import nullcontext
 
@@ -16,10 +17,11 @@ from hypothesis import strategies as st
 from test_generation import _model, _prompts
 from tiny_models import VOCAB, run_layers, tiny_model
 from torch import nn
+from torch.utils import cpp_extension
 from transformers import DynamicCache
 
 from early_exit.architectures import get_decoder_adapter
-from early_exit.kernels import FewPositionAttention, attention, multi_position, tuning
+from early_exit.kernels import FewPositionAttention, attention, multi_position, panels, tuning
 from early_exit.kernels.attention import ATTENTION_NAME
 from early_exit.kernels.forms import PACKINGS, LinearForm, apply_form, can_pack, pack_weight
 from early_exit.kernels.multi_position import FewPositionLinears, linear_for_rows
@@ -84,7 +86,7 @@ def time_forms_as(monkeypatch, winner: LinearForm, winner_time: float = 1.0) -> 
 )
 def test_every_form_matches_linear(form, rows, out_features, in_features, batched, strided, with_bias, dtype, seed):
     """Each form, called directly and chosen by `linear_for_rows`, equals `F.linear` for any shape, layout and bias."""
-    assume(form is not LinearForm.MKL_PACKED or dtype == torch.float32)  # MKL packs float32 only
+    assume(form not in (LinearForm.MKL_PACKED, LinearForm.PANELS) or dtype == torch.float32)  # float32 only
     if form is LinearForm.DOUBLED_ROW:  # a form for one row only
         rows, batched = 1, False
     generator = torch.Generator().manual_seed(seed)
@@ -98,6 +100,68 @@ def test_every_form_matches_linear(form, rows, out_features, in_features, batche
     assert_matches_linear(apply_form(form, x, weight, bias, packed), x, weight, bias)
     choice = FormChoice((form,) * len(ROW_BUCKETS), (form,) * len(ROW_BUCKETS))
     assert_matches_linear(linear_for_rows(x, weight, bias, packed, choice), x, weight, bias)
+
+
+def test_the_panels_kernel_builds_where_there_is_a_compiler():
+    """The panels form is tested above wherever the machine has a C++ compiler: its build must not fail quietly."""
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler: the panels kernel is left out")
+    assert panels.native_panels() is not None and can_pack(torch.randn(3, 2), LinearForm.PANELS)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(2, 20),
+    out_features=st.integers(1, 200),
+    in_features=st.integers(1, 700),
+    seed=st.integers(0, 2**16),
+)
+def test_panels_give_a_row_the_same_result_whatever_rows_share_its_call(rows, out_features, in_features, seed):
+    """Each output is summed in the same order for any number of rows: a verification pass of several positions
+    computes exactly what passes of one position would."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, in_features, generator=generator)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    packed = pack_weight(weight, LinearForm.PANELS)
+    together = apply_form(LinearForm.PANELS, x, weight, None, packed)
+    for row in range(rows):
+        assert torch.equal(apply_form(LinearForm.PANELS, x[row : row + 1], weight, None, packed)[0], together[row])
+    assert torch.equal(apply_form(LinearForm.PANELS, x[1:], weight, None, packed), together[1:])
+
+
+def test_panels_refuse_a_packed_weight_of_another_shape():
+    packed = pack_weight(torch.randn(70, 16), LinearForm.PANELS)
+    with pytest.raises(RuntimeError, match="is not pack_panels of a weight with 70 x 15"):
+        panels.panel_linear(torch.randn(2, 15), packed, 70)
+    with pytest.raises(RuntimeError, match="is not pack_panels of a weight with 200 x 16"):
+        panels.panel_linear(torch.randn(2, 16), packed, 200)
+
+
+@pytest.mark.parametrize("how", ["switched off", "build fails"])
+def test_without_the_panels_kernel_its_form_is_left_out(fresh_forms, monkeypatch, caplog, how):
+    """Where the kernel is switched off or cannot be built, the other forms are timed and the forms file keeps the
+    choices apart from those of the same machine with the kernel."""
+    with_kernel = machine_signature()
+    panels.native_panels.cache_clear()
+    try:
+        if how == "switched off":
+            monkeypatch.setenv(panels.SWITCH, "0")
+        else:
+
+            def failing_build(**kwargs):
+                raise RuntimeError("Error building extension 'early_exit_panels'")
+
+            monkeypatch.setattr(cpp_extension, "load", failing_build)
+        weight = torch.randn(8, 8)
+        assert not can_pack(weight, LinearForm.PANELS) and can_pack(weight, LinearForm.ONEDNN_PACKED)
+        assert machine_signature() != with_kernel and machine_signature().endswith("without the panels kernel")
+        assert ("could not be built" in caplog.text) == (how == "build fails")
+        timed = []
+        monkeypatch.setattr(tuning, "_pick", lambda times: timed.append(set(times)) or STOCK_CHOICE)
+        tune_forms([weight], rounds=1)
+        assert timed and all(form is not LinearForm.PANELS for _, form in timed[0])
+    finally:
+        panels.native_panels.cache_clear()
 
 
 def test_doubled_row_refuses_several_rows():

@@ -4,7 +4,8 @@ On CPUs `torch.nn.functional.linear` does not always read a weight matrix near t
 multiplies it by few rows, and which other form does better depends on the CPU and its math libraries: on a Zen 4
 EPYC, MKL's two-column product streams a weight 2-2.5x as fast as `F.linear`'s one-row product, while on a Sapphire
 Rapids Xeon it is 2.5x slower and `F.linear` is near the bound for 1-3 rows. So the forms are timed on the machine
-itself (`early_exit.kernels.tuning`), not chosen by rules.
+itself (`early_exit.kernels.tuning`), not chosen by rules. Besides the libraries' products there is the project's
+own kernel for few rows (`early_exit.kernels.panels`), timed alike.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from enum import Enum
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .panels import native_panels, pack_panels, panel_linear
 
 
 class LinearForm(str, Enum):
@@ -32,10 +35,13 @@ class LinearForm(str, Enum):
     #: through matrices of SmolLM2-135M's decoder shapes in 20.3 ms against `F.linear`'s 23.8 (one row: 16.5 and
     #: 15.2; docs/kernels-smollm2-135m-xeon.md). Float32 only.
     MKL_PACKED = "mkl_packed"
+    #: The project's kernel on a copy of the weight in column panels (`early_exit.kernels.panels`): reads the weight
+    #: once for up to four rows, so 2-4 rows cost about what one does. Float32, where the kernel could be built.
+    PANELS = "panels"
 
 
 #: The forms that multiply by a packed copy of the weight; a weight has at most one such copy.
-PACKINGS = (LinearForm.ONEDNN_PACKED, LinearForm.MKL_PACKED)
+PACKINGS = (LinearForm.ONEDNN_PACKED, LinearForm.MKL_PACKED, LinearForm.PANELS)
 
 
 #: The row count oneDNN is told to pack for: 4 and 16 give the same layout, faster at 3-16 rows than 1's.
@@ -66,6 +72,8 @@ def can_pack(weight: torch.Tensor, packing: LinearForm = LinearForm.ONEDNN_PACKE
         return False
     if packing is LinearForm.MKL_PACKED:
         return torch.backends.mkl.is_available() and weight.dtype == torch.float32
+    if packing is LinearForm.PANELS:
+        return weight.dtype == torch.float32 and native_panels() is not None
     return packing is LinearForm.ONEDNN_PACKED and torch.backends.mkldnn.is_available()
 
 
@@ -78,6 +86,8 @@ def pack_weight(weight: torch.Tensor, packing: LinearForm = LinearForm.ONEDNN_PA
     with torch.no_grad():
         if packing is LinearForm.MKL_PACKED:
             return torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), _PACKING_ROWS)
+        if packing is LinearForm.PANELS:
+            return pack_panels(weight)
         return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACKING_ROWS)
 
 
@@ -101,6 +111,11 @@ def apply_form(
     if form is LinearForm.MKL_PACKED:
         # MKL's kernel takes rows as a matrix, and is told their number (with another it runs `F.linear`).
         return torch.ops.mkl._mkl_linear(flat, packed, weight, bias, flat.shape[0]).view(*x.shape[:-1], -1)
+    if form is LinearForm.PANELS:
+        out = panel_linear(flat, packed, weight.shape[0])
+        if bias is not None:
+            out += bias
+        return out.view(*x.shape[:-1], weight.shape[0])
     # The product is (out_features, columns); the result is copied to rows-major memory, as `F.linear` returns, so
     # that callers' `view`s work: rows x out_features values, little beside the weight.
     if form is LinearForm.DOUBLED_ROW:

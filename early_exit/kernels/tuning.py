@@ -29,6 +29,7 @@ from transformers.utils import logging
 
 from ..cache import cache_root
 from .forms import PACKINGS, LinearForm, apply_form, can_pack, has_forms, pack_weight
+from .panels import native_panels
 
 logger = logging.get_logger(__name__)
 
@@ -36,13 +37,21 @@ logger = logging.get_logger(__name__)
 #: last, the last's). Decoding runs 1-16 rows a pass; 128 stands for prompts.
 ROW_BUCKETS = (1, 2, 3, 4, 8, 16, 128)
 
+#: The buckets that choose a weight's one packed copy: the row counts of the decoding loop's passes. On the default
+#: model every product of a decoding pass has 1 row (early exit) or 1 and 4 (self-speculative decoding with prompt
+#: lookup), prompts apart; the panels kernel wins at 1-4 rows and loses to oneDNN's packing at 8-16, so weighing
+#: the larger buckets alike would give decoding the slower copy. The other buckets take the fastest form given the
+#: chosen copy.
+PACKING_BUCKETS = (1, 2, 3, 4)
+
 #: Timed rounds (after one that warms up: oneDNN generates its kernels on first use).
 ROUNDS = 3
 #: Another form replaces `F.linear` only if it is faster by more than this share: ties keep the untouched path.
 _MARGIN = 0.03
 #: The weights of one shape timed at most (enough to stream from memory, not from a cache); more would only cost time.
 _MAX_TIMED_BYTES = 128 * 2**20
-_FILE_FORMAT = 1
+#: 2: the panels kernel joined the forms (files of format 1 never timed it).
+_FILE_FORMAT = 2
 
 #: (device type, dtype, out_features, in_features, torch threads): what a choice depends on.
 ShapeKey = tuple[str, torch.dtype, int, int, int]
@@ -167,7 +176,7 @@ def _time_forms(weights: list[torch.Tensor], rounds: int) -> dict[tuple[int, Lin
 
 def _pick(times: dict[tuple[int, LinearForm], float]) -> FormChoice:
     """The fastest timed form per bucket, without packed weights and with the one packed form that saves the most
-    (each bucket weighing alike); `F.linear` unless beaten by over `_MARGIN`."""
+    over `PACKING_BUCKETS` (each weighing alike); `F.linear` unless beaten by over `_MARGIN`."""
     plain = {LinearForm.STOCK, LinearForm.DOUBLED_ROW, LinearForm.WEIGHT_MAJOR}
 
     def fastest(bucket: int, allowed: set[LinearForm]) -> LinearForm:
@@ -175,7 +184,11 @@ def _pick(times: dict[tuple[int, LinearForm], float]) -> FormChoice:
         return winner if times[bucket, winner] * (1 + _MARGIN) < times[bucket, LinearForm.STOCK] else LinearForm.STOCK
 
     def cost(forms: tuple[LinearForm, ...]) -> float:
-        return sum(times[bucket, form] / times[bucket, LinearForm.STOCK] for bucket, form in zip(ROW_BUCKETS, forms))
+        return sum(
+            times[bucket, form] / times[bucket, LinearForm.STOCK]
+            for bucket, form in zip(ROW_BUCKETS, forms)
+            if bucket in PACKING_BUCKETS
+        )
 
     unpacked = packed = tuple(fastest(bucket, plain) for bucket in ROW_BUCKETS)
     for packing in {form for _, form in times} & set(PACKINGS):
@@ -202,9 +215,10 @@ def cpu_name() -> str:
 
 
 def machine_signature() -> str:
-    """What the timings belong to besides the shape: the CPU model, the cores, and torch's version (which fixes the
-    MKL and oneDNN it carries)."""
-    return f"{cpu_name()}; {os.cpu_count()} cores; torch {torch.__version__}"
+    """What the timings belong to besides the shape: the CPU model, the cores, torch's version (which fixes the MKL
+    and oneDNN it carries), and whether the panels kernel could be built (its form is among the choices only then)."""
+    kernel = "with" if native_panels() is not None else "without"
+    return f"{cpu_name()}; {os.cpu_count()} cores; torch {torch.__version__}; {kernel} the panels kernel"
 
 
 def _entry_name(key: ShapeKey) -> str:
