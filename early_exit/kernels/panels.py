@@ -1,11 +1,13 @@
 """The project's own C++ kernel for `x @ weight.T` with 1-16 rows of float32: the weight stored in column panels
 (`native/panels.cpp`), read once per call for up to 16 rows, four of which accumulate in registers at a time.
 
-On a 2-core Zen 4 EPYC, four rows through SmolLM2-135M's fused gate/up matrix (3072x576, streamed from memory) take
-278 us against 290 for oneDNN's packed product and 296 for MKL's; through its down projection 149 us against 178;
-one row about what MKL's best one-row product takes. A row's result is the same whatever rows share its call. Beyond
-four rows each further group of four sweeps the panel again from the cache, so 8-16 rows lose to oneDNN. It is one
-of the forms that `early_exit.kernels.tuning` times, so it runs only where it measures fastest.
+On a 2-core Zen 4 EPYC, four rows through SmolLM2-135M's fused gate/up matrices (3072x576, ten streamed from memory
+in turn) take 234 us each against 274 for oneDNN's packed product and 291 for MKL's `weight @ x.T`; through its down
+projections (576x1536) 124 us against 162; one row about what MKL's two-column product takes (224 us against 227).
+Beyond four rows each further group of four sweeps the panel again from the cache, so 8-16 rows lose to oneDNN
+(3072x576, 8 rows: 534 us against 329). A row's result is the same whatever rows share its call. It is one of the
+forms that `early_exit.kernels.tuning` times, so it runs only where it measures fastest. (`early-exit bench kernels
+--dtypes fp32 --rows 1 4 --repeats 10 --sweep --sweep-rows 1 2 4 8 16 --sweep-shapes 3072x576 960x576`.)
 
 The kernel is compiled on first use with the machine's C++ compiler (`torch.utils.cpp_extension`, with ninja) for the
 vector instructions torch itself runs with, and kept in torch's extension folder; where it cannot be built (no
@@ -45,7 +47,7 @@ def native_panels() -> ModuleType | None:
     try:
         from torch.utils import cpp_extension
 
-        if not any(Path(cpp_extension._get_build_directory(name, False)).glob(f"{name}*.so")):
+        if not _built(name):
             logger.warning("Compiling the panels matmul kernel for this machine (once, about 30 s).")
         return cpp_extension.load(
             name=name, sources=[str(SOURCE)], extra_cflags=["-O3", *_VECTOR_FLAGS.get(capability, [])]
@@ -58,6 +60,16 @@ def native_panels() -> ModuleType | None:
             SWITCH,
         )
         return None
+
+
+def _built(name: str) -> bool:
+    """Whether torch's extension folder holds a build of `name` (so that loading it takes no compilation)."""
+    from torch.utils import cpp_extension
+
+    try:  # a private helper of torch's: where it is gone, the build is only announced
+        return any(Path(cpp_extension._get_build_directory(name, False)).glob(f"{name}*.so"))
+    except (AttributeError, TypeError, OSError):
+        return False
 
 
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:
