@@ -36,7 +36,7 @@ class LinearForm(str, Enum):
     #: 15.2; docs/kernels-smollm2-135m-xeon.md). Float32 only.
     MKL_PACKED = "mkl_packed"
     #: The project's kernel on a copy of the weight in column panels (`early_exit.kernels.panels`): reads the weight
-    #: once for up to four rows, so 2-4 rows cost about what one does. Float32, where the kernel could be built.
+    #: once for up to eight rows in registers, so 2-4 rows cost about what one does. Float32, where it could be built.
     PANELS = "panels"
 
 

@@ -1,13 +1,14 @@
 """The project's own C++ kernel for `x @ weight.T` with 1-16 rows of float32: the weight stored in column panels
-(`native/panels.cpp`), read once per call for up to 16 rows, four of which accumulate in registers at a time.
+(`native/panels.cpp`), read once per call while up to eight rows accumulate in registers.
 
-On a 2-core Zen 4 EPYC, four rows through SmolLM2-135M's fused gate/up matrices (3072x576, ten streamed from memory
-in turn) take 234 us each against 274 for oneDNN's packed product and 291 for MKL's `weight @ x.T`; through its down
-projections (576x1536) 124 us against 162; one row about what MKL's two-column product takes (224 us against 227).
-Beyond four rows each further group of four sweeps the panel again from the cache, so 8-16 rows lose to oneDNN
-(3072x576, 8 rows: 534 us against 329). A row's result is the same whatever rows share its call. It is one of the
-forms that `early_exit.kernels.tuning` times, so it runs only where it measures fastest. (`early-exit bench kernels
---dtypes fp32 --rows 1 4 --repeats 10 --sweep --sweep-rows 1 2 4 8 16 --sweep-shapes 3072x576 960x576`.)
+On a 2-core Zen 4 EPYC, through SmolLM2-135M's fused gate/up matrices (3072x576, ten streamed from memory in turn)
+one row takes 228 us against 231 for MKL's two-column product, four rows 244 us against 296 for oneDNN's packed
+product and 283 for MKL's `weight @ x.T`, and eight rows 321 us against oneDNN's 320; all 210 of the model's linears
+take 14.8 ms at one row, 15.3 at four and 20.6 at eight (oneDNN: 22.3, 20.0, 23.1). Sixteen rows take two sweeps of
+eight, and lose to oneDNN (51.8 ms against 29.5). A row's result is the same whatever rows share its call. It is one
+of the forms that `early_exit.kernels.tuning` times, so it runs only where it measures fastest. (The sweep table of
+`early-exit bench kernels --repeats 30 --dtypes fp32 --sweep --sweep-rows 1 2 4 8 16 --sweep-shapes 3072x576
+960x576`.)
 
 The kernel is compiled on first use with the machine's C++ compiler (`torch.utils.cpp_extension`, with ninja) for the
 vector instructions torch itself runs with, and kept in torch's extension folder; where it cannot be built (no

@@ -1,8 +1,8 @@
-// Products of a few rows with a weight matrix stored in column panels: `x @ weight.T` for 1-16 rows at close to the
+// Products of a few rows with a weight matrix stored in column panels: `x @ weight.T` for 1-8 rows at close to the
 // cost of streaming the weight once, whatever the number of rows (see early_exit/kernels/panels.py).
 //
 // The weight (out x in) is stored as panels of kPanel output columns, each panel in-major: panel p holds
-// weight[p * kPanel + j, k] at [p][k][j]. A panel is read once, front to back, for up to 16 rows, four of which
+// weight[p * kPanel + j, k] at [p][k][j]. A panel is read once, front to back, for up to 16 rows, eight of which
 // accumulate their kPanel outputs in registers at a time; every output is the sum over k in order, so a row's result
 // does not depend on how many rows share the call.
 #include <torch/extension.h>
@@ -16,13 +16,14 @@ constexpr int kLanes = 16;
 #else
 constexpr int kLanes = 8;
 #endif
-// Four vectors of outputs per row: four rows then hold 16 accumulators, which fit the registers of AVX-512 (32).
-constexpr int kVectors = 4;
+// Two vectors of outputs per row (32 columns with AVX-512): eight rows then hold 16 accumulators, which with the
+// panel's two vectors fit the 32 registers of AVX-512; AVX2's 16 registers take four rows.
+constexpr int kVectors = 2;
 constexpr int kPanel = kLanes * kVectors;
-// Rows that accumulate in registers together.
-constexpr int kRowsInRegisters = 4;
-// Rows that share one read of a panel from memory: groups of four take turns on a block of kBlock inputs (16 KB of
-// the panel, which stays in the L1 cache), so that the later groups' arithmetic overlaps the stream of the weight.
+// Rows that accumulate in registers together, in one sweep of the panel as it streams from memory.
+constexpr int kRowsInRegisters = kLanes == 16 ? 8 : 4;
+// Rows that share one read of a panel from memory: groups take turns on a block of kBlock inputs (8 KB of the panel,
+// which stays in the L1 cache).
 constexpr int kRowsPerRead = 16;
 constexpr int64_t kBlock = 64;
 
@@ -41,10 +42,12 @@ static void accumulate(const float* x, int64_t in_features, const float* panel, 
 #pragma GCC unroll 4
     for (int v = 0; v < kVectors; ++v) {
       w[v] = weights[v];
+#if defined(__AVX__)  // a vector fits one register
       // Keeps the weights in registers: otherwise the compiler reads them again as an operand of each row's product.
       asm("" : "+v"(w[v]));
+#endif
     }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int r = 0; r < Rows; ++r) {
       const float value = x[r * in_features + k];
 #pragma GCC unroll 4
@@ -67,6 +70,10 @@ static void rows_through_panel(const float* x, int64_t rows, int64_t in_features
       for (int64_t group = 0; group < count; group += kRowsInRegisters) {
         const float* xs = x + (first + group) * in_features;
         switch (std::min<int64_t>(count - group, kRowsInRegisters)) {
+          case 8: accumulate<8>(xs, in_features, panel, begin, end, sums + group); break;
+          case 7: accumulate<7>(xs, in_features, panel, begin, end, sums + group); break;
+          case 6: accumulate<6>(xs, in_features, panel, begin, end, sums + group); break;
+          case 5: accumulate<5>(xs, in_features, panel, begin, end, sums + group); break;
           case 4: accumulate<4>(xs, in_features, panel, begin, end, sums + group); break;
           case 3: accumulate<3>(xs, in_features, panel, begin, end, sums + group); break;
           case 2: accumulate<2>(xs, in_features, panel, begin, end, sums + group); break;
