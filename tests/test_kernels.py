@@ -234,6 +234,23 @@ def test_a_weight_gets_one_packed_copy_the_one_that_saves_most():
     assert choice.unpacked == (LinearForm.STOCK,) * len(ROW_BUCKETS) and STOCK_CHOICE.packing is None
 
 
+def test_the_packed_copy_is_chosen_on_the_rows_decoding_runs():
+    """Panels win every decoding bucket by a little, oneDNN the larger ones by far: decoding gets the panels, and
+    the larger buckets the fastest form that needs no other copy."""
+    times = {(bucket, form): 2.0 for bucket in ROW_BUCKETS for form in tuning._candidates(bucket, list(PACKINGS))}
+    for bucket in ROW_BUCKETS:
+        decoding = bucket in tuning.PACKING_BUCKETS
+        times[bucket, LinearForm.PANELS] = 1.5 if decoding else 1.9
+        times[bucket, LinearForm.ONEDNN_PACKED] = 1.6 if decoding else 0.1
+        times[bucket, LinearForm.WEIGHT_MAJOR if bucket > 1 else LinearForm.DOUBLED_ROW] = 1.8
+    choice = tuning._pick(times)
+    assert choice.packing is LinearForm.PANELS
+    assert all(
+        form is (LinearForm.PANELS if bucket in tuning.PACKING_BUCKETS else LinearForm.WEIGHT_MAJOR)
+        for bucket, form in zip(ROW_BUCKETS, choice.packed)
+    )
+
+
 def test_untimed_shapes_and_other_dtypes_run_linear(fresh_forms, monkeypatch):
     timed = time_forms_as(monkeypatch, LinearForm.ONEDNN_PACKED)
     tune_forms([torch.randn(8, 8, dtype=torch.float16), torch.randn(8, 8, dtype=torch.float64)])
