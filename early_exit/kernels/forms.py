@@ -113,12 +113,9 @@ def apply_form(
         return torch.ops.mkl._mkl_linear(flat, packed, weight, bias, flat.shape[0]).view(*x.shape[:-1], -1)
     if form is LinearForm.PANELS:
         out = panel_linear(flat, packed, weight.shape[0])
-        if bias is not None:
-            out += bias
-        return out.view(*x.shape[:-1], weight.shape[0])
-    # The product is (out_features, columns); the result is copied to rows-major memory, as `F.linear` returns, so
-    # that callers' `view`s work: rows x out_features values, little beside the weight.
-    if form is LinearForm.DOUBLED_ROW:
+    # MKL's products below are (out_features, columns); the result is copied to rows-major memory, as `F.linear`
+    # returns, so that callers' `view`s work: rows x out_features values, little beside the weight.
+    elif form is LinearForm.DOUBLED_ROW:
         if flat.shape[0] != 1:
             raise ValueError(f"the doubled_row form multiplies one row, not {flat.shape[0]}")
         out = torch.mm(weight, torch.cat((flat, flat)).T).select(1, 0).contiguous()

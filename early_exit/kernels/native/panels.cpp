@@ -58,6 +58,16 @@ static void accumulate(const float* x, int64_t in_features, const float* panel, 
     for (int v = 0; v < kVectors; ++v) sums[r][v] = acc[r][v];
 }
 
+// `accumulate` with Rows = `rows` (1 to MaxRows), each count compiled with its sums in registers.
+template <int MaxRows>
+static void accumulate_group(int64_t rows, const float* x, int64_t in_features, const float* panel, int64_t begin,
+                             int64_t end, Vector (*sums)[kVectors]) {
+  if constexpr (MaxRows > 1) {
+    if (rows < MaxRows) return accumulate_group<MaxRows - 1>(rows, x, in_features, panel, begin, end, sums);
+  }
+  accumulate<MaxRows>(x, in_features, panel, begin, end, sums);
+}
+
 static void rows_through_panel(const float* x, int64_t rows, int64_t in_features, const float* panel, float* out,
                                int64_t out_features, int64_t columns) {
   Vector sums[kRowsPerRead][kVectors];
@@ -69,16 +79,8 @@ static void rows_through_panel(const float* x, int64_t rows, int64_t in_features
       const int64_t end = std::min(begin + kBlock, in_features);
       for (int64_t group = 0; group < count; group += kRowsInRegisters) {
         const float* xs = x + (first + group) * in_features;
-        switch (std::min<int64_t>(count - group, kRowsInRegisters)) {
-          case 8: accumulate<8>(xs, in_features, panel, begin, end, sums + group); break;
-          case 7: accumulate<7>(xs, in_features, panel, begin, end, sums + group); break;
-          case 6: accumulate<6>(xs, in_features, panel, begin, end, sums + group); break;
-          case 5: accumulate<5>(xs, in_features, panel, begin, end, sums + group); break;
-          case 4: accumulate<4>(xs, in_features, panel, begin, end, sums + group); break;
-          case 3: accumulate<3>(xs, in_features, panel, begin, end, sums + group); break;
-          case 2: accumulate<2>(xs, in_features, panel, begin, end, sums + group); break;
-          default: accumulate<1>(xs, in_features, panel, begin, end, sums + group); break;
-        }
+        accumulate_group<kRowsInRegisters>(std::min<int64_t>(count - group, kRowsInRegisters), xs, in_features,
+                                           panel, begin, end, sums + group);
       }
     }
     for (int64_t r = 0; r < count; ++r) {
